@@ -1,0 +1,139 @@
+"""The engine seam: one small interface between the worker and whatever runs the model.
+
+An engine takes :class:`InferenceRequest` objects and answers each with an
+:class:`InferenceResult`. The single abstract method is :meth:`Engine.infer` (one request, awaited
+concurrently by the caller); engines that batch (vLLM, transformers) batch the concurrent calls
+internally. :meth:`Engine.stream` is the stream form the design describes, built on ``infer``:
+it keeps up to ``max_in_flight`` requests in the engine and yields results as they finish.
+
+Heavy libraries (torch, vLLM, transformers) are imported inside the concrete engine modules,
+never here, so the CLI and the protocol layer start without them.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings of one request."""
+
+    max_tokens: int = 512
+    temperature: float = 0.0
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """One media x analysis question to the model.
+
+    The prompt layout is fixed by the engines: system text, then a user turn with the image
+    FIRST and ``user_prompt`` after it, so that all analyses of one image share a token prefix
+    that vLLM's prefix cache reuses (``image_first=False`` exists only for the benchmark's
+    comparison against the naive layout).
+    """
+
+    request_id: str
+    image_path: Path
+    system_prompt: str
+    user_prompt: str
+    json_schema: dict[str, Any] | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    group_key: tuple[str, str] = ("", "")  # (media id, variant): requests sharing a prefix
+    image_first: bool = True
+
+
+@dataclass
+class InferenceResult:
+    """The answer to one :class:`InferenceRequest`.
+
+    ``error`` is set (and ``text`` empty) when the engine failed this one request; the worker
+    treats that like a failed QA attempt. Token counts are ``None`` where the engine cannot tell.
+    ``image_size`` is the (width, height) of the image as the model saw it (after the
+    processor's resize); QA maps model-space boxes back to the original image with it.
+    Times are ``time.monotonic()`` values.
+    """
+
+    request_id: str
+    text: str
+    finish_reason: str = "stop"
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    generated_tokens: int | None = None
+    image_size: tuple[int, int] | None = None
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    error: str | None = None
+
+    @property
+    def seconds(self) -> float:
+        return max(0.0, self.finished_at - self.started_at)
+
+
+class Engine(abc.ABC):
+    """Base class of the inference engines.
+
+    Capabilities are class attributes, so the worker and the benchmark can ask without loading
+    anything.
+    """
+
+    name: ClassVar[str] = "base"
+    supports_json_schema: ClassVar[bool] = False
+    supports_prefix_caching: ClassVar[bool] = False
+    reports_cached_tokens: ClassVar[bool] = False
+
+    #: how many requests the caller should keep in flight at once
+    max_in_flight: int = 16
+    #: the label reported as ``modelUsed``
+    model_label: str = "unknown"
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Load the model. Idempotent."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the model and its memory. Idempotent; cancels nothing already finished."""
+
+    @abc.abstractmethod
+    async def infer(self, request: InferenceRequest) -> InferenceResult:
+        """Answer one request. Engine failures of this request come back as ``result.error``;
+        an exception means the engine itself is broken (:class:`~goflow_gpu.errors.EngineError`).
+        """
+
+    async def stream(
+        self, requests: AsyncIterable[InferenceRequest]
+    ) -> AsyncIterator[InferenceResult]:
+        """Yield results as they finish, keeping up to ``max_in_flight`` requests running."""
+        pending: set[asyncio.Task[InferenceResult]] = set()
+        source = aiter(requests)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(pending) < self.max_in_flight:
+                    try:
+                        request = await anext(source)
+                    except StopAsyncIteration:
+                        exhausted = True
+                        break
+                    pending.add(asyncio.ensure_future(self.infer(request)))
+                if not pending:
+                    return
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    yield task.result()
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

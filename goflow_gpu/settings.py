@@ -1,0 +1,198 @@
+"""Typed settings: CLI flag > environment (``GOFLOW_*``) > YAML file (``--config``) > defaults.
+
+The API key is only ever read from ``GOFLOW_API_KEY``: a YAML file or a CLI flag carrying it is
+refused, so that it never lands in a config file or a shell history. It is a ``SecretStr``; its
+repr is masked, and nothing in goflow-gpu logs or stores it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from goflow_gpu.errors import ConfigError
+
+PRODUCTION_BASE_URL = "https://goflow-backend.yellowsand-8784ae26.uksouth.azurecontainerapps.io"
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+
+# The YAML layer for the Settings being built; a context variable so concurrent loads don't mix.
+_YAML_LAYER: ContextVar[dict[str, Any]] = ContextVar("goflow_yaml_layer", default={})  # noqa: B039
+
+EngineName = Literal["vllm", "transformers", "openai"]
+LogFormat = Literal["auto", "json", "console"]
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_backend_url(url: str, what: str = "base_url") -> str:
+    """Allow https anywhere and plain http only to loopback (test servers). Credentials refused."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{what} must be an http(s) URL with a host, got {url!r}")
+    if parts.username or parts.password:
+        raise ValueError(f"{what} must not carry credentials; use GOFLOW_API_KEY")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ValueError(
+            f"{what} {url!r} uses plain http to a non-loopback host; use https "
+            "(plain http is only for loopback test servers)"
+        )
+    return url.rstrip("/")
+
+
+class Settings(BaseSettings):
+    """All settings of goflow-gpu. Field names map to env ``GOFLOW_<NAME>`` and YAML keys."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GOFLOW_", extra="forbid", validate_default=True, case_sensitive=False
+    )
+
+    # Backend
+    api_key: SecretStr | None = Field(default=None, description="env GOFLOW_API_KEY only")
+    base_url: str = PRODUCTION_BASE_URL
+    state_dir: Path = Path("~/.local/state/goflow-gpu")
+
+    # Engine
+    engine: EngineName = "vllm"
+    model: str = DEFAULT_MODEL
+    model_label: str = Field(default="qwen2.5vl", description="reported as modelUsed")
+    openai_base_url: str | None = None
+    openai_api_key_env: str = Field(
+        default="GOFLOW_OPENAI_API_KEY", description="env var holding the inference server's key"
+    )
+    dtype: str = "auto"
+    max_model_len: int = Field(default=16384, ge=256)
+    max_num_seqs: int = Field(default=64, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    data_parallel_size: int = Field(default=1, ge=1)
+    seed: int = 0
+    load_format: str = Field(default="auto", description="'dummy' = random weights for benchmarks")
+    enforce_eager: bool = False
+    min_pixels: int = Field(default=256 * 28 * 28, ge=28 * 28)
+    max_pixels: int = Field(default=1280 * 28 * 28, ge=28 * 28)
+    batch_size: int = Field(default=8, ge=1, description="transformers engine batch size")
+    device: str = Field(default="auto", description="transformers engine device")
+    max_in_flight: int = Field(default=64, ge=1, description="requests kept in the engine at once")
+
+    # Prompts and QA
+    prompts_dir: Path | None = Field(default=None, description="default: the shipped catalog")
+    qa_retries: int = Field(default=2, ge=0, le=10)
+
+    # Worker
+    poll_interval_min: float = Field(default=2.0, gt=0)
+    poll_interval_max: float = Field(default=60.0, gt=0)
+    report_concurrency: int = Field(default=8, ge=1, le=64)
+    download_concurrency: int = Field(default=8, ge=1, le=64)
+    max_image_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=50_000_000, ge=1024)
+
+    # Observability
+    log_format: LogFormat = "auto"
+    log_level: str = "INFO"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        return check_backend_url(value, "base_url")
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _openai_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"openai_base_url must be an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("state_dir", "prompts_dir")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            InitSettingsSource(settings_cls, init_kwargs=_YAML_LAYER.get()),
+        )
+
+    def require_api_key(self) -> SecretStr:
+        """The key, or a :class:`ConfigError` that says how to provide it."""
+        if self.api_key is None or not self.api_key.get_secret_value().strip():
+            raise ConfigError("GOFLOW_API_KEY is not set: export the agent API key in it")
+        return self.api_key
+
+
+def read_yaml_config(path: Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with errors that name the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of setting: value")
+    if any(str(k).lower() in ("api_key", "goflow_api_key") for k in data):
+        raise ConfigError(f"{path}: api_key must not be in a config file; use GOFLOW_API_KEY")
+    return {str(k): v for k, v in data.items()}
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings: ``overrides`` (CLI flags, ``None`` = not given) > env > YAML > defaults.
+
+    Raises :class:`ConfigError` with one line per bad setting.
+    """
+    if "api_key" in overrides:
+        raise ConfigError("the API key is read from GOFLOW_API_KEY only")
+    yaml_data = read_yaml_config(config) if config is not None else {}
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    source = f" (config {config})" if config is not None else ""
+    token = _YAML_LAYER.set(yaml_data)
+    try:
+        return Settings(**flags)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown setting"
+            lines.append(f"{name}: {msg}")
+        raise ConfigError(f"invalid settings{source}: " + "; ".join(lines)) from None
+    finally:
+        _YAML_LAYER.reset(token)
