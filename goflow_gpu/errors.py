@@ -75,7 +75,13 @@ class InvalidRequestError(ApiError):
 
 
 class DuplicateSubmission(InvalidRequestError):
-    """400 saying this media x analysis combination was already submitted."""
+    """400 saying this media x analysis combination was already submitted.
+
+    ``prior_attempt_unknown`` is true when an earlier attempt of the same call may have reached
+    the server (network error, timeout, 5xx): the duplicate is then most likely our own result.
+    """
+
+    prior_attempt_unknown: bool = False
 
 
 class UnprocessableError(ApiError):
