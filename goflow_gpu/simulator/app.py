@@ -1,0 +1,535 @@
+"""The simulator: a strict GoFlow backend on aiohttp.web, with a job queue, images and faults.
+
+Every API call goes through one wrapper that, in order: checks ``X-API-Key`` (401), adds the
+configured latency, draws this call's fault for its route, applies the faults that happen before
+the backend decides (429, 500, 503, reset, slow), runs the handler, and for accept-then-drop cuts
+the connection after the handler has recorded its decision in the ledger. Each call is recorded in
+``ledger.calls`` with the fault it got.
+
+Handlers check, in order: path UUIDs (422), that the project / media / analysis exist and belong
+together (404), that the body is JSON (400), the body's fields (422), then duplicates (400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import ipaddress
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from goflow_gpu.simulator import images
+from goflow_gpu.simulator.faults import FaultKind, FaultPlan, Faults, FaultSpec, parse_faults
+from goflow_gpu.simulator.jobs import SimJob, build_job, new_id
+from goflow_gpu.simulator.ledger import Ledger
+from goflow_gpu.simulator.validation import (
+    Problem,
+    check_path_uuids,
+    check_report_body,
+    check_result_body,
+    check_status_body,
+    parse_json,
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+API = "/api/v1/agent"
+# The ledger event a handler recorded (the wrapper marks it undelivered when the answer is lost).
+_EVENT: web.RequestKey[dict[str, Any]] = web.RequestKey("goflow_sim_event")
+# A media item's fault, shown in ledger.calls instead of the (absent) route fault.
+_NOTE: web.RequestKey[str] = web.RequestKey("goflow_sim_note", str)
+_CHUNK = bytes(1024 * 1024)
+
+
+def _detail(status: int, detail: str | list[Problem], **headers: str) -> web.Response:
+    return web.json_response({"detail": detail}, status=status, headers=headers or None)
+
+
+def _abort(request: web.Request) -> web.Response:
+    """Cut the connection without an answer; the returned response is never written."""
+    if request.transport is not None:
+        request.transport.abort()
+    return web.Response(status=204)
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _json_body(request: web.Request) -> tuple[Any, web.Response | None]:
+    text = await request.text()
+    try:
+        return parse_json(text), None
+    except ValueError as exc:
+        return None, _detail(400, f"request body is not valid JSON: {exc}")
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Unknown routes and wrong methods answer JSON like the backend, not aiohttp's text."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _detail(exc.status, exc.reason)
+
+
+class Simulator:
+    """A strict, in-process GoFlow backend (see ``goflow-api.md``) for tests, demos and benches.
+
+    ``seed`` makes ids and images reproducible; ``faults`` (drawn with ``faults.seed``) injects
+    failures per route; ``latency`` seconds are added to every call; pictures have their long
+    side within ``image_long_side``. Use as ``async with Simulator(key) as sim:`` or
+    :meth:`start` / :meth:`stop`; from sync code, wrap it in a ``SimulatorThread``.
+    """
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        seed: int = 0,
+        faults: Faults | None = None,
+        latency: float = 0.0,
+        image_long_side: tuple[int, int] = (480, 1024),
+    ) -> None:
+        if not api_key:
+            raise ValueError("the simulator needs a non-empty API key to check callers against")
+        low, high = image_long_side
+        if not 16 <= low <= high:
+            raise ValueError(
+                f"image_long_side={image_long_side} must be (low, high), 16 <= low <= high"
+            )
+        if latency < 0:
+            raise ValueError(f"latency={latency} must not be negative")
+        self._api_key = api_key.encode()
+        self._revoked = False
+        self._seed = seed
+        self._ids = random.Random(seed)
+        self._receipts = random.Random(f"{seed}:receipts")
+        self._plan = FaultPlan(faults)
+        self.latency = latency
+        self.image_long_side = image_long_side
+        self.ledger = Ledger()
+        self._queue: deque[SimJob | Any] = deque()
+        self._projects: dict[str, SimJob] = {}
+        self._images: dict[tuple[str, str], bytes] = {}
+        self._jobs_made = 0
+        self._client = {"id": new_id(self._ids), "slug": "sim-client", "name": "Simulated Client"}
+        self._runner: web.AppRunner | None = None
+        self._base_url: str | None = None
+        self.app = self._build_app()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """``http://HOST:PORT`` of the running server."""
+        if self._base_url is None:
+            raise RuntimeError("the simulator is not started: call start() first")
+        return self._base_url
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on ``host:port`` (0 = a free port) and return the base URL."""
+        if self._runner is not None:
+            raise RuntimeError("the simulator is already started")
+        # Short shutdown: slow-fault handlers may be sleeping; stop() should not wait for them.
+        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        self._runner = runner
+        self._base_url = f"http://{_reachable(host)}:{runner.addresses[0][1]}"
+        return self._base_url
+
+    async def stop(self) -> None:
+        """Close the server; the ledger stays readable."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- test controls -----------------------------------------------------------------------
+
+    def add_job(
+        self,
+        media: int = 3,
+        analyses: int = 4,
+        *,
+        slugs: list[str] | None = None,
+        media_faults: dict[int, str] | None = None,
+    ) -> dict[str, Any]:
+        """Queue a generated job and return its manifest exactly as next-job will serve it.
+
+        ``analyses`` takes the first N of ``ANALYSIS_TYPES`` (repeating with ``-2`` suffixes past
+        25) unless ``slugs`` names them. ``media_faults`` maps a media index to one of
+        ``MEDIA_FAULTS``; it applies to both variants of that item.
+        """
+        self._jobs_made += 1
+        job = build_job(
+            self._ids,
+            number=self._jobs_made,
+            client=self._client,
+            base_url=self.base_url,
+            media=media,
+            analyses=analyses,
+            slugs=slugs,
+            media_faults=media_faults,
+        )
+        self._projects[job.project_id] = job
+        self._queue.append(job)
+        return _copy(job.manifest)
+
+    def add_raw_job(self, raw: Any) -> None:
+        """Queue any JSON value as the next next-job body (for bad-manifest tests).
+
+        The backend does not know raw jobs: calls about their project answer 404.
+        """
+        self._queue.append(_Raw(raw))
+
+    def set_faults(self, faults: Faults | None) -> None:
+        """Replace the faults; the seeded draws start again from the beginning."""
+        self._plan = FaultPlan(faults)
+
+    def revoke_key(self) -> None:
+        """From now on every API call answers 401."""
+        self._revoked = True
+
+    def restore_key(self) -> None:
+        """Undo :meth:`revoke_key`: the original key works again (to test resuming after 401)."""
+        self._revoked = False
+
+    def check_job(self, manifest: dict[str, Any]) -> list[str]:
+        """Shortcut for ``self.ledger.check_job(manifest)``."""
+        return self.ledger.check_job(manifest)
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(middlewares=[_json_errors], client_max_size=8 * 1024 * 1024)
+        api = self._api
+        app.router.add_get(f"{API}/next-job", api("next-job", self._next_job))
+        app.router.add_put(f"{API}/projects/{{project}}/status", api("status", self._status))
+        app.router.add_post(
+            f"{API}/projects/{{project}}/media/{{media}}/analysis/{{analysis}}",
+            api("result", self._result),
+        )
+        app.router.add_put(f"{API}/projects/{{project}}/reports", api("report", self._report))
+        app.router.add_get(
+            "/media/{project}/{media}/{file}", api("media", self._media, needs_key=False)
+        )
+        app.router.add_get("/_sim/ledger", self._admin_ledger)
+        app.router.add_post("/_sim/jobs", self._admin_jobs)
+        app.router.add_post("/_sim/faults", self._admin_faults)
+        app.router.add_post("/_sim/revoke-key", self._admin_revoke)
+        return app
+
+    def _key_ok(self, request: web.Request) -> bool:
+        given = request.headers.get("X-API-Key", "").encode()
+        return not self._revoked and hmac.compare_digest(given, self._api_key)
+
+    def _api(self, route: str, handler: Handler, *, needs_key: bool = True) -> Handler:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            started = time.time()
+            fault: FaultKind | None = None
+            status: int | None = None
+            try:
+                if needs_key and not self._key_ok(request):
+                    status = 401
+                    return _detail(401, "missing or invalid X-API-Key header")
+                # Receive the whole request first, as a server does before it works on it: a
+                # client that gives up during a slow answer must not take its body with it.
+                await request.read()
+                spec = self._plan.spec(route)
+                if self.latency + spec.latency:
+                    await asyncio.sleep(self.latency + spec.latency)
+                fault = self._plan.draw(route)
+                early = await self._early_fault(request, fault, spec)
+                if early is not None:
+                    status = None if fault == "reset" else early.status
+                    return early
+                if fault == "slow" and route == "next-job" and _client_gone(request):
+                    # Nobody is left to receive the job: keep it queued rather than lose it.
+                    return _abort(request)
+                response = await handler(request)
+                status = response.status
+                event = request.get(_EVENT)
+                if fault == "drop":
+                    if event is not None:
+                        event["delivered"] = False
+                    return _abort(request)
+                if event is not None and _client_gone(request):
+                    event["delivered"] = False
+                return response
+            finally:
+                note = request.get(_NOTE)
+                self.ledger.record_call(
+                    route, request.method, request.path_qs, status, note or fault, started
+                )
+
+        return wrapped
+
+    async def _early_fault(
+        self, request: web.Request, fault: FaultKind | None, spec: FaultSpec
+    ) -> web.Response | None:
+        if fault == "429":
+            retry = (
+                formatdate(int(time.time()) + 2, usegmt=True)
+                if spec.retry_after == "date"
+                else spec.retry_after
+            )
+            return _detail(429, "too many requests (simulated)", **{"Retry-After": retry})
+        if fault == "500":
+            return _detail(500, "internal server error (simulated)")
+        if fault == "503":
+            return _detail(503, "service unavailable (simulated)")
+        if fault == "reset":
+            return _abort(request)
+        if fault == "slow":
+            await asyncio.sleep(spec.slow_seconds)
+        return None
+
+    def _project(self, project_id: str) -> SimJob | None:
+        return self._projects.get(project_id.lower())
+
+    # -- API handlers ------------------------------------------------------------------------
+
+    async def _next_job(self, request: web.Request) -> web.Response:
+        if not self._queue:
+            return _detail(404, "no job available")
+        item = self._queue.popleft()
+        if isinstance(item, _Raw):
+            project = item.raw.get("project") if isinstance(item.raw, dict) else None
+            pid = project.get("id") if isinstance(project, dict) else None
+            self.ledger.record_job(str(pid) if pid is not None else "")
+            return web.json_response(item.raw)
+        self.ledger.record_job(item.project_id)
+        return web.json_response(item.manifest)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        pid = request.match_info["project"]
+        problems = check_path_uuids({"projectId": pid})
+        if problems:
+            return _detail(422, problems)
+        job = self._project(pid)
+        if job is None:
+            return _detail(404, f"project {pid} not found")
+        body, error = await _json_body(request)
+        if error is not None:
+            return error
+        problems = check_status_body(body)
+        if problems:
+            return _detail(422, problems)
+        request[_EVENT] = self.ledger.record_status(job.project_id, body["status"])
+        return web.json_response({"status": body["status"]})
+
+    async def _result(self, request: web.Request) -> web.Response:
+        pid, mid, aid = (request.match_info[k] for k in ("project", "media", "analysis"))
+        problems = check_path_uuids({"projectId": pid, "mediaId": mid, "analysisId": aid})
+        if problems:
+            return _detail(422, problems)
+        job = self._project(pid)
+        if job is None:
+            return _detail(404, f"project {pid} not found")
+        mid, aid = mid.lower(), aid.lower()
+        if mid not in job.media_ids:
+            return _detail(404, f"media {mid} not found in project {job.project_id}")
+        if aid not in job.analysis_ids:
+            return _detail(404, f"analysis {aid} not found in project {job.project_id}")
+        body, error = await _json_body(request)
+        if error is not None:
+            return error
+        problems = check_result_body(body)
+        if problems:
+            return _detail(422, problems)
+        key = (job.project_id, mid, aid)
+        if self.ledger.results.get(key):
+            return _detail(
+                400,
+                f"duplicate submission: media {mid} x analysis {aid} of project "
+                f"{job.project_id} was already submitted",
+            )
+        request[_EVENT] = self.ledger.record_result(*key, body)
+        return web.json_response({"id": new_id(self._receipts), "status": "created"}, status=201)
+
+    async def _report(self, request: web.Request) -> web.Response:
+        pid = request.match_info["project"]
+        problems = check_path_uuids({"projectId": pid})
+        if problems:
+            return _detail(422, problems)
+        job = self._project(pid)
+        if job is None:
+            return _detail(404, f"project {pid} not found")
+        body, error = await _json_body(request)
+        if error is not None:
+            return error
+        problems = check_report_body(body)
+        if problems:
+            return _detail(422, problems)
+        request[_EVENT] = self.ledger.record_report(job.project_id, body)
+        return web.json_response({"id": new_id(self._receipts), "status": "created"}, status=201)
+
+    # -- media -------------------------------------------------------------------------------
+
+    async def _media(self, request: web.Request) -> web.StreamResponse:
+        pid, mid, file = (request.match_info[k] for k in ("project", "media", "file"))
+        variant = file.removesuffix(".jpg")
+        job = self._project(pid)
+        if (
+            job is None
+            or mid not in job.media_ids
+            or variant not in images.VARIANTS
+            or (not file.endswith(".jpg"))
+        ):
+            return _detail(404, f"no such media: {request.path}")
+        fault = job.media_faults.get(mid)
+        if fault is not None:
+            request[_NOTE] = fault
+        if fault == "404":
+            return _detail(404, f"media {mid} not found")
+        if fault == "html":
+            return web.Response(body=images.HTML_PAGE, content_type="text/html")
+        if fault == "corrupt":
+            return web.Response(body=images.corrupt(mid), content_type="image/jpeg")
+        if fault == "bomb":
+            return web.Response(
+                body=await asyncio.to_thread(images.bomb_png), content_type="image/png"
+            )
+        if fault == "oversized":
+            return await self._oversized(request)
+        if fault == "redirect-loop":
+            hop = request.query.get("hop", "0")
+            hop = str(int(hop) + 1) if hop.isdigit() else "1"
+            return web.Response(status=302, headers={"Location": f"{request.path}?hop={hop}"})
+        if fault == "slow":
+            await asyncio.sleep(self._plan.spec("media").slow_seconds)
+        body = await self.image_bytes(mid, variant)
+        if fault == "truncated":
+            return await self._truncated(request, body)
+        return web.Response(body=body, content_type="image/jpeg")
+
+    async def image_bytes(self, media_id: str, variant: str) -> bytes:
+        """The JPEG served for one media item and variant (generated once, then cached)."""
+        key = (media_id, variant)
+        if key not in self._images:
+            picture = await asyncio.to_thread(
+                images.render, f"{self._seed}:{media_id}", self.image_long_side
+            )
+            for name in images.VARIANTS:
+                self._images[(media_id, name)] = await asyncio.to_thread(
+                    images.encode, picture, name
+                )
+        return self._images[key]
+
+    def image_size(self, media_id: str) -> tuple[int, int]:
+        """``(width, height)`` of the pictures of ``media_id`` (both variants)."""
+        return images.picture_size(f"{self._seed}:{media_id}", self.image_long_side)
+
+    @staticmethod
+    async def _truncated(request: web.Request, body: bytes) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+        _abort(request)
+        return response
+
+    @staticmethod
+    async def _oversized(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        response.content_length = images.OVERSIZED_BYTES
+        await response.prepare(request)
+        head = images.encode(images.render("oversized", (64, 64)), "optimised")
+        sent = 0
+        try:
+            await response.write(head)
+            sent = len(head)
+            while sent < images.OVERSIZED_BYTES:
+                chunk = _CHUNK[: images.OVERSIZED_BYTES - sent]
+                await response.write(chunk)
+                sent += len(chunk)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client stopped reading, as a careful client should: nothing to clean up
+        return response
+
+    # -- admin (no key: local control of the simulator) ---------------------------------------
+
+    async def _admin_ledger(self, request: web.Request) -> web.Response:
+        return web.json_response(self.ledger.snapshot())
+
+    async def _admin_jobs(self, request: web.Request) -> web.Response:
+        body, error = await _json_body(request)
+        if error is not None:
+            return error
+        if not isinstance(body, dict):
+            return _detail(422, 'body must be a JSON object like {"media": 3, "analyses": 4}')
+        try:
+            faults = {int(k): str(v) for k, v in dict(body.get("media_faults") or {}).items()}
+            manifest = self.add_job(
+                int(body.get("media", 3)),
+                int(body.get("analyses", 4)),
+                slugs=body.get("slugs"),
+                media_faults=faults,
+            )
+        except (TypeError, ValueError) as exc:
+            return _detail(422, f"cannot make that job: {exc}")
+        return web.json_response(manifest)
+
+    async def _admin_faults(self, request: web.Request) -> web.Response:
+        body, error = await _json_body(request)
+        if error is not None:
+            return error
+        try:
+            if not isinstance(body, dict):
+                raise ValueError('body must be {"spec": "...", "seed": 0}')
+            self.set_faults(parse_faults(str(body.get("spec", "")), seed=int(body.get("seed", 0))))
+        except (TypeError, ValueError) as exc:
+            return _detail(422, str(exc))
+        return web.json_response({"status": "ok"})
+
+    async def _admin_revoke(self, request: web.Request) -> web.Response:
+        self.revoke_key()
+        return web.json_response({"status": "revoked"})
+
+
+class _Raw:
+    """A queued raw next-job body (kept apart from generated jobs)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+
+def _reachable(host: str) -> str:
+    """The address clients should use: a wildcard bind is reached through loopback."""
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        wildcard = host == ""
+    if wildcard:
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _copy(manifest: dict[str, Any]) -> dict[str, Any]:
+    return copy.deepcopy(manifest)
