@@ -1,0 +1,154 @@
+"""The aggregated final report of a job (``PUT .../reports``), built from the local state.
+
+Everything in it is derived from the stored combinations, so a resumed job reports the same
+figures as one that ran straight through. Key findings come from the actual results: the most
+frequent detected objects, labels and tags, and the texts that were read.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from goflow_gpu.protocol import Manifest, Report, ReportBody, ReportDetails
+from goflow_gpu.store import ComboRow
+
+# Result keys whose list items name things found in the image (object-detection, tags, ...).
+_NAMED_LISTS = (
+    "objects_detected",
+    "objects",
+    "animals",
+    "vehicles",
+    "products",
+    "logos",
+    "brands",
+    "foods",
+    "items",
+    "landmarks",
+)
+_LABEL_LISTS = ("tags", "keywords", "labels")
+_TEXT_KEYS = ("text", "full_text", "texts", "lines")
+
+
+def _names(result: dict[str, Any]) -> Iterable[str]:
+    for key in _NAMED_LISTS:
+        for item in result.get(key) or []:
+            if isinstance(item, dict):
+                name = item.get("name") or item.get("label") or item.get("brand")
+                if isinstance(name, str) and name.strip():
+                    yield name.strip().lower()
+    for key in _LABEL_LISTS:
+        for item in result.get(key) or []:
+            if isinstance(item, str) and item.strip():
+                yield item.strip().lower()
+
+
+def _texts(result: dict[str, Any]) -> Iterable[str]:
+    for key in _TEXT_KEYS:
+        value = result.get(key)
+        if isinstance(value, str) and value.strip():
+            yield value.strip()
+        elif isinstance(value, list):
+            for item in value:
+                text = item.get("text") if isinstance(item, dict) else item
+                if isinstance(text, str) and text.strip():
+                    yield text.strip()
+
+
+def key_findings(rows: Sequence[ComboRow]) -> tuple[str, dict[str, Any]]:
+    """A sentence of findings and the structured figures behind it."""
+    names: Counter[str] = Counter()
+    texts: Counter[str] = Counter()
+    for row in rows:
+        if row.result_status != "completed" or not row.body:
+            continue
+        result = row.body.get("analysisResult") or {}
+        names.update(_names(result))
+        if row.slug == "text-recognition" or "text" in row.slug:
+            texts.update(_texts(result))
+    top_names = names.most_common(10)
+    top_texts = [t for t, _ in texts.most_common(5)]
+    parts = []
+    if top_names:
+        parts.append(
+            "most frequent things seen: " + ", ".join(f"{n} ({c})" for n, c in top_names[:5])
+        )
+    if top_texts:
+        parts.append("texts found: " + "; ".join(repr(t[:60]) for t in top_texts[:3]))
+    sentence = ". ".join(parts) if parts else "no objects, labels or texts were reported"
+    return sentence[0].upper() + sentence[1:], {
+        "top_objects": [{"name": n, "count": c} for n, c in top_names],
+        "texts_found": top_texts,
+    }
+
+
+def build_report(
+    manifest: Manifest,
+    rows: Sequence[ComboRow],
+    *,
+    wall_seconds: float,
+    model: str,
+) -> ReportBody:
+    """The report body for a job whose combinations are all terminal and reported."""
+    total = len(rows)
+    completed = [r for r in rows if r.result_status == "completed" and r.state == "reported"]
+    failed = [r for r in rows if r not in completed]
+    per_analysis: dict[str, dict[str, Any]] = {}
+    for analysis in manifest.analyses:
+        mine = [r for r in rows if r.key.analysis_id == analysis.id]
+        ok = [r for r in mine if r in completed]
+        seconds = [r.inference_seconds for r in mine if r.inference_seconds is not None]
+        per_analysis[analysis.slug] = {
+            "analysis_id": analysis.id,
+            "name": analysis.name,
+            "completed": len(ok),
+            "failed": len(mine) - len(ok),
+            "qa_retries": sum(max(0, r.attempts - 1) for r in mine),
+            "mean_inference_seconds": round(sum(seconds) / len(seconds), 3) if seconds else None,
+        }
+    failures = [
+        {
+            "media_id": r.key.media_id,
+            "analysis": r.slug,
+            "state": r.state,
+            "http_status": r.http_status,
+            "reasons": (r.reasons[-1] if r.reasons else [])[:5],
+            "server_detail": r.server_detail,
+        }
+        for r in failed
+    ][:200]
+    media_done = {r.key.media_id for r in completed}
+    findings, figures = key_findings(rows)
+    tokens = {
+        "prompt": sum(r.prompt_tokens or 0 for r in rows),
+        "cached_prompt": sum(r.cached_tokens or 0 for r in rows),
+        "generated": sum(r.generated_tokens or 0 for r in rows),
+    }
+    minutes = wall_seconds / 60
+    success_rate = len(completed) / total if total else 0.0
+    summary = (
+        f"{manifest.project.name}: {len(completed)} of {total} media x analysis combinations "
+        f"completed ({success_rate:.0%}) over {len(manifest.media)} media and "
+        f"{len(manifest.analyses)} analysis types in {minutes:.1f} min with {model}. "
+        f"{len(failed)} failed. {findings}."
+    )
+    details = ReportDetails(
+        total_media_processed=len(media_done),
+        total_analyses_completed=len(completed),
+        processing_time_minutes=round(minutes, 3),
+        success_rate=round(success_rate, 4),
+        analysis_types_completed=sorted(
+            slug for slug, stats in per_analysis.items() if stats["completed"] > 0
+        ),
+        key_findings=findings,
+        total_combinations=total,
+        total_failed=len(failed),
+        model=model,
+        throughput_per_minute=round(total / minutes, 2) if minutes > 0 else None,
+        per_analysis=per_analysis,
+        failures=failures,
+        tokens=tokens,
+        findings=figures,
+    )
+    return ReportBody(report=Report(summary=summary, details=details))

@@ -1,0 +1,105 @@
+"""Assembly: settings in, a running worker out. The one entry point that ``serve``, ``run`` and
+``demo`` call, so the CLI stays thin and tests can start the real thing with a test engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+
+from goflow_gpu.client import GoFlowClient
+from goflow_gpu.engines import create_engine
+from goflow_gpu.engines.base import Engine
+from goflow_gpu.events import Events
+from goflow_gpu.job import JobOptions
+from goflow_gpu.logs import get_logger, register_secret
+from goflow_gpu.media import MediaFetcher, MediaLimits
+from goflow_gpu.settings import Settings
+from goflow_gpu.store import Store
+from goflow_gpu.worker import Worker, WorkerResult
+
+log = get_logger(__name__)
+
+
+def job_options(settings: Settings, engine: Engine) -> JobOptions:
+    """The per-job knobs, from the settings and what the engine can take."""
+    return JobOptions(
+        qa_retries=settings.qa_retries,
+        inference_slots=min(settings.max_in_flight, engine.max_in_flight),
+        report_concurrency=settings.report_concurrency,
+        min_pixels=settings.min_pixels,
+        max_pixels=settings.max_pixels,
+    )
+
+
+@contextlib.contextmanager
+def _stop_on_signals(worker: Worker) -> Iterator[None]:
+    """SIGTERM/SIGINT ask the worker to drain; a second SIGINT is left to Python (abort)."""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, worker.stop)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def run_worker(
+    settings: Settings,
+    *,
+    burst: bool,
+    engine: Engine | None = None,
+    handle_signals: bool = True,
+    stop: asyncio.Event | None = None,
+    events: Events | None = None,
+) -> WorkerResult:
+    """Open the state, load the engine, and process jobs (``burst``: until none is left).
+
+    ``stop``, when given, is the drain switch (what SIGTERM sets): setting it stops polling and
+    new inference requests, lets in-flight work be reported, and returns.
+    """
+    api_key = settings.require_api_key()
+    register_secret(api_key.get_secret_value())
+    store = Store.open(settings.state_dir)
+    try:
+        engine = engine if engine is not None else create_engine(settings)
+        async with GoFlowClient(settings.base_url, api_key) as client:
+            fetcher = MediaFetcher(
+                store,
+                MediaLimits(
+                    max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+                ),
+                concurrency=settings.download_concurrency,
+            )
+            log.info("loading engine", engine=engine.name, model=settings.model)
+            await engine.start()
+            try:
+                worker = Worker(
+                    store=store,
+                    client=client,
+                    engine=engine,
+                    fetcher=fetcher,
+                    options=job_options(settings, engine),
+                    prompts_dir=settings.prompts_dir,
+                    poll_min=settings.poll_interval_min,
+                    poll_max=settings.poll_interval_max,
+                    stopping=stop,
+                    events=events,
+                )
+                if handle_signals:
+                    with _stop_on_signals(worker):
+                        return await worker.run(burst=burst)
+                return await worker.run(burst=burst)
+            finally:
+                await fetcher.close()
+                await engine.close()
+    finally:
+        store.close()

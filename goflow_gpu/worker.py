@@ -1,0 +1,217 @@
+"""The worker: acquire a job, persist and plan it, run it, repeat.
+
+``serve`` runs forever (idle polls back off with jitter up to a maximum interval); ``run`` is the
+burst mode: it processes jobs until next-job says there is none, then returns. Unfinished jobs in
+the local state are always resumed before a new job is taken.
+
+Exit codes (``WorkerResult.exit_code``): 0 all jobs done (or drained on a signal), 1 a job had to
+be skipped (its manifest failed validation), 3 the backend refused the key (raised as
+:class:`~goflow_gpu.errors.AuthenticationError` for the CLI to map).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from goflow_gpu.client import GoFlowClient
+from goflow_gpu.engines.base import Engine
+from goflow_gpu.errors import ManifestError, NoJobAvailable, TransientError
+from goflow_gpu.events import Events
+from goflow_gpu.job import JobOptions, JobOutcome, JobRunner
+from goflow_gpu.logs import bind, get_logger
+from goflow_gpu.media import MediaFetcher
+from goflow_gpu.prompts import Catalog, load_catalog
+from goflow_gpu.protocol import Manifest, parse_manifest
+from goflow_gpu.store import PlannedCombo, Store
+
+log = get_logger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def plan_job(manifest: Manifest, catalog: Catalog) -> list[PlannedCombo]:
+    """Every media x analysis combination, media-major, with its prompt frozen from the catalog."""
+    rendered = {}
+    for analysis in manifest.analyses:
+        spec = catalog.spec_for(analysis.slug, analysis.name)
+        rendered[analysis.id] = (catalog.render(spec), spec.qa.model_dump(mode="json"))
+    combos = []
+    for media in manifest.media:
+        for analysis in manifest.analyses:
+            prompt, qa_rules = rendered[analysis.id]
+            combos.append(
+                PlannedCombo(
+                    media_id=media.id,
+                    analysis_id=analysis.id,
+                    slug=analysis.slug,
+                    variant=prompt.variant,
+                    system_prompt=prompt.system_prompt,
+                    user_prompt=prompt.user_prompt,
+                    json_schema=prompt.json_schema,
+                    spec_version=prompt.version,
+                    max_tokens=prompt.max_tokens,
+                    temperature=prompt.temperature,
+                    qa_rules=qa_rules,
+                )
+            )
+    return combos
+
+
+@dataclass
+class WorkerResult:
+    """What one ``run``/``serve`` did."""
+
+    jobs: list[JobOutcome] = field(default_factory=list)
+    skipped: int = 0
+    unfinished: int = 0
+    drained: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if (self.skipped or (self.unfinished and not self.drained)) else 0
+
+
+class Worker:
+    """Pulls jobs and runs them with one engine, one client, one store."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        client: GoFlowClient,
+        engine: Engine,
+        fetcher: MediaFetcher,
+        options: JobOptions,
+        prompts_dir: Any = None,
+        poll_min: float = 2.0,
+        poll_max: float = 60.0,
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+        stopping: asyncio.Event | None = None,
+        events: Events | None = None,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.engine = engine
+        self.fetcher = fetcher
+        self.options = options
+        self.prompts_dir = prompts_dir
+        self.poll_min = poll_min
+        self.poll_max = poll_max
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+        self.stopping = stopping if stopping is not None else asyncio.Event()
+        self.events = events or Events()
+
+    def stop(self) -> None:
+        """Ask the worker to drain: no new jobs or requests; in-flight work is reported."""
+        if not self.stopping.is_set():
+            log.info("stop requested: draining")
+        self.stopping.set()
+
+    async def run(self, *, burst: bool) -> WorkerResult:
+        """Process jobs; in burst mode return when the backend has none left."""
+        result = WorkerResult()
+        idle = 0
+        while not self.stopping.is_set():
+            resumable = self.store.unfinished_jobs()
+            if resumable:
+                outcome = await self._run_job(resumable[0])
+                result.jobs.append(outcome)
+                if not outcome.closed and not self.stopping.is_set():
+                    if burst:
+                        # Backend trouble outlasted every retry: leave it for the next start.
+                        result.unfinished += 1
+                        break
+                    await self._interruptible_sleep(self.poll_min)
+                continue
+            try:
+                raw = await self.client.next_job()
+            except NoJobAvailable:
+                if burst:
+                    log.info("no job available: burst finished")
+                    break
+                idle += 1
+                await self._interruptible_sleep(self._idle_delay(idle))
+                continue
+            except TransientError as exc:
+                log.warning("next-job failed", reason=exc.cause)
+                if burst:
+                    raise
+                idle += 1
+                await self._interruptible_sleep(self._idle_delay(idle))
+                continue
+            idle = 0
+            if self._accept(raw) is None:
+                result.skipped += 1
+        result.drained = self.stopping.is_set()
+        return result
+
+    def _idle_delay(self, idle_polls: int) -> float:
+        """Exponential backoff with full jitter between poll_min and poll_max."""
+        ceiling = min(self.poll_max, self.poll_min * 2 ** min(idle_polls - 1, 16))
+        return max(self.poll_min, self.rng.uniform(0, ceiling))
+
+    async def _interruptible_sleep(self, seconds: float) -> None:
+        stop = asyncio.ensure_future(self.stopping.wait())
+        nap = asyncio.ensure_future(self.sleep(seconds))
+        try:
+            await asyncio.wait([stop, nap], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            nap.cancel()
+
+    def _accept(self, raw: Any) -> str | None:
+        """Validate and persist a new job; None when its manifest had to be skipped."""
+        try:
+            manifest = parse_manifest(raw)
+        except ManifestError as exc:
+            self.store.record_rejected_manifest(raw, str(exc))
+            log.error(
+                "job skipped: manifest invalid",
+                problems=[f"{loc}: {msg} (got {val!r:.80})" for loc, val, msg in exc.problems],
+            )
+            return None
+        with bind(project_id=manifest.project.id):
+            log.info(
+                "job retrieved",
+                client=manifest.client.name,
+                client_id=manifest.client.id,
+                project=manifest.project.name,
+                media=len(manifest.media),
+                analyses=len(manifest.analyses),
+                media_ids=[m.id for m in manifest.media],
+                analysis_ids=[a.id for a in manifest.analyses],
+            )
+            if self.store.job(manifest.project.id) is not None:
+                # The backend handed out a job we already hold; our state is the truth.
+                log.warning("job already known locally: resuming it")
+                return manifest.project.id
+            catalog = load_catalog(self.prompts_dir)  # reloaded between jobs, never inside one
+            combos = plan_job(manifest, catalog)
+            self.store.create_job(raw, combos)
+            log.info("job persisted", combinations=len(combos))
+        return manifest.project.id
+
+    async def _run_job(self, project_id: str) -> JobOutcome:
+        runner = JobRunner(
+            store=self.store,
+            client=self.client,
+            engine=self.engine,
+            fetcher=self.fetcher,
+            project_id=project_id,
+            options=self.options,
+            stopping=self.stopping,
+            events=self.events,
+        )
+        try:
+            return await runner.run()
+        except TransientError as exc:
+            with bind(project_id=project_id):
+                log.warning("job interrupted by backend trouble; will resume", reason=exc.cause)
+            rows = self.store.counts(project_id)
+            return JobOutcome(project_id, False, sum(rows.values()), 0, 0, 0.0)

@@ -1,0 +1,273 @@
+"""Full jobs through the real worker against the simulator, with a scripted engine.
+
+Every assertion reads the world after the run: the simulator's ledger (what the backend
+accepted, in which order) and the rows of the state store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from goflow_gpu import retry
+from goflow_gpu.engines.base import InferenceRequest
+from goflow_gpu.errors import AuthenticationError
+from goflow_gpu.service import run_worker
+from goflow_gpu.settings import Settings, load_settings
+from goflow_gpu.simulator import Faults, FaultSpec, Simulator
+from goflow_gpu.store import Store
+from tests.doubles import ScriptedEngine
+
+KEY = "made-up-worker-key-0001"
+
+
+@pytest.fixture(autouse=True)
+def _instant_retries(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("GOFLOW_API_KEY", KEY)
+    retry.set_testing(True)
+    yield
+    retry.set_testing(False)
+
+
+def settings_for(sim: Simulator, state: Path, **extra: Any) -> Settings:
+    return load_settings(
+        base_url=sim.base_url,
+        state_dir=state,
+        poll_interval_min=0.01,
+        poll_interval_max=0.05,
+        **extra,
+    )
+
+
+def run(coro_fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    return asyncio.run(coro_fn())
+
+
+def accepted(sim: Simulator, project: str) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    return {k: v for k, v in sim.ledger.results.items() if k[0] == project}
+
+
+@pytest.mark.parametrize(("media", "analyses"), [(1, 1), (15, 20), (20, 25)])
+def test_full_job_reported_exactly_once(tmp_path: Path, media: int, analyses: int) -> None:
+    async def go() -> None:
+        engine = ScriptedEngine()
+        async with Simulator(api_key=KEY, seed=media) as sim:
+            manifest = sim.add_job(media=media, analyses=analyses)
+            result = await run_worker(
+                settings_for(sim, tmp_path), burst=True, engine=engine, handle_signals=False
+            )
+            project = manifest["project"]["id"]
+            assert result.exit_code == 0
+            assert sim.ledger.check_job(manifest) == []
+            got = accepted(sim, project)
+            assert len(got) == media * analyses
+            assert all(len(v) == 1 and v[0]["status"] == "completed" for v in got.values())
+            assert sim.ledger.statuses[project] == ["processing", "completed"]
+            (report,) = sim.ledger.reports[project]
+            details = report["report"]["details"]
+            assert details["total_analyses_completed"] == media * analyses
+            assert details["total_media_processed"] == media
+            assert details["success_rate"] == 1.0
+            # media-major: all analyses of the first image were asked before the second image
+            first_media = [r.group_key[0] for r in engine.history[:analyses]]
+            assert len(set(first_media)) == 1
+            # every body carries the exact prompts and the model label
+            body = next(iter(got.values()))[0]
+            assert body["modelUsed"] == "scripted-test-engine"
+            assert body["systemPromptUsed"] and body["userPromptUsed"]
+            assert "processing_time_seconds" in body["analysisResult"]
+        with Store.open(tmp_path) as store:
+            job = store.job(project)
+            assert job is not None and job.state == "closed"
+            assert (
+                set(store.counts(project)) <= {"reported"}
+                or store.counts(project).get("reported") == media * analyses
+            )
+
+    run(go)
+
+
+def test_faults_during_a_20x25_job_keep_exactly_once(tmp_path: Path) -> None:
+    faults = Faults(
+        seed=3,
+        routes={
+            "result": FaultSpec(
+                rate_503=0.10, rate_429=0.05, rate_reset=0.03, rate_drop=0.02, retry_after="1"
+            ),
+            "status": FaultSpec(rate_503=0.2, rate_drop=0.2),
+            "report": FaultSpec(rate_500=0.3, rate_reset=0.2),
+            "next-job": FaultSpec(rate_503=0.2),
+        },
+    )
+
+    async def go() -> None:
+        async with Simulator(api_key=KEY, seed=5, faults=faults) as sim:
+            manifest = sim.add_job(media=20, analyses=25)
+            result = await run_worker(
+                settings_for(sim, tmp_path),
+                burst=True,
+                engine=ScriptedEngine(),
+                handle_signals=False,
+            )
+            assert result.exit_code == 0
+            assert sim.ledger.check_job(manifest) == []
+            injected = [c for c in sim.ledger.calls if c.get("fault")]
+            assert len(injected) > 30  # the faults really happened
+            assert any(c["fault"] == "drop" for c in injected)
+
+    run(go)
+
+
+def test_media_faults_fail_their_combinations_and_the_rest_completes(tmp_path: Path) -> None:
+    media_faults = {0: "404", 1: "html", 2: "truncated", 3: "bomb", 4: "oversized"}
+
+    async def go() -> None:
+        async with Simulator(api_key=KEY, seed=9) as sim:
+            manifest = sim.add_job(media=6, analyses=3, media_faults=media_faults)
+            settings = settings_for(sim, tmp_path, max_image_bytes=5 * 1024 * 1024)
+            await run_worker(settings, burst=True, engine=ScriptedEngine(), handle_signals=False)
+            assert sim.ledger.check_job(manifest) == []
+            project = manifest["project"]["id"]
+            ids = [m["id"] for m in manifest["media"]]
+            got = accepted(sim, project)
+            expected_words = {0: "404", 1: "text/html", 2: "", 3: "pixel", 4: "bytes"}
+            for index, word in expected_words.items():
+                bodies = [v[0] for k, v in got.items() if k[1] == ids[index]]
+                assert len(bodies) == 3
+                for body in bodies:
+                    assert body["status"] == "failed"
+                    reasons = " ".join(body["analysisResult"]["reasons"]).lower()
+                    assert word in reasons
+            healthy = [v[0] for k, v in got.items() if k[1] == ids[5]]
+            assert [b["status"] for b in healthy] == ["completed"] * 3
+            details = sim.ledger.reports[project][0]["report"]["details"]
+            assert details["total_analyses_completed"] == 3
+            assert len(details["failures"]) == 15
+
+    run(go)
+
+
+def test_qa_failure_is_retried_with_reasons_then_reported_failed(tmp_path: Path) -> None:
+    asked: dict[str, int] = {}
+
+    def script(request: InferenceRequest) -> str | None:
+        schema = json.dumps(request.json_schema)
+        if "objects_detected" in schema:
+            return "I think there is a car."  # never JSON: fails every attempt
+        asked[schema] = asked.get(schema, 0) + 1
+        if asked[schema] == 1:
+            return '{"nonsense": true}'  # the first attempt fails the schema
+        return None  # the retry gets it right
+
+    async def go() -> None:
+        engine = ScriptedEngine(script=script)
+        async with Simulator(api_key=KEY, seed=2) as sim:
+            manifest = sim.add_job(media=1, analyses=2)  # object-detection, text-recognition
+            await run_worker(
+                settings_for(sim, tmp_path, qa_retries=2),
+                burst=True,
+                engine=engine,
+                handle_signals=False,
+            )
+            assert sim.ledger.check_job(manifest) == []
+            project = manifest["project"]["id"]
+            by_slug = {a["id"]: a["slug"] for a in manifest["analyses"]}
+            bodies = {by_slug[k[2]]: v[0] for k, v in accepted(sim, project).items()}
+            failed = bodies["object-detection"]
+            assert failed["status"] == "failed"
+            assert bodies["text-recognition"]["status"] == "completed"
+            assert failed["analysisResult"]["attempts"] == 3
+            assert any("json" in r.lower() for r in failed["analysisResult"]["reasons"])
+        asked = [r for r in engine.history if "objects_detected" in json.dumps(r.json_schema)]
+        assert len(asked) == 3  # 1 + 2 retries
+        assert asked[0].user_prompt != asked[1].user_prompt  # reasons appended
+        with Store.open(tmp_path) as store:
+            rows = [r for r in store.combos(project) if r.slug == "object-detection"]
+            assert len(rows[0].reasons) == 3
+
+    run(go)
+
+
+def test_invalid_manifest_is_skipped_kept_and_the_next_job_runs(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with Simulator(api_key=KEY) as sim:
+            sim.add_raw_job({"client": {"id": "nope"}, "project": {}, "media": [], "analyses": []})
+            manifest = sim.add_job(media=1, analyses=2)
+            result = await run_worker(
+                settings_for(sim, tmp_path),
+                burst=True,
+                engine=ScriptedEngine(),
+                handle_signals=False,
+            )
+            assert result.skipped == 1 and result.exit_code == 1
+            assert sim.ledger.check_job(manifest) == []
+        with Store.open(tmp_path) as store:
+            (kept,) = store.rejected_manifests()
+            assert "client.id" in json.dumps(kept)
+
+    run(go)
+
+
+def test_401_mid_job_stops_keeps_state_and_resumes_exactly_once(tmp_path: Path) -> None:
+    async def go() -> None:
+        sim = Simulator(api_key=KEY, seed=4)
+        async with sim:
+            manifest = sim.add_job(media=3, analyses=4)
+            calls = 0
+
+            def script(request: InferenceRequest) -> str | None:
+                nonlocal calls
+                calls += 1
+                if calls == 5:
+                    sim.revoke_key()
+                return None
+
+            with pytest.raises(AuthenticationError):
+                await run_worker(
+                    settings_for(sim, tmp_path),
+                    burst=True,
+                    engine=ScriptedEngine(script=script, slots=1),
+                    handle_signals=False,
+                )
+            project = manifest["project"]["id"]
+            assert len(accepted(sim, project)) < 12
+            sim.restore_key()
+            await run_worker(
+                settings_for(sim, tmp_path),
+                burst=True,
+                engine=ScriptedEngine(),
+                handle_signals=False,
+            )
+            assert sim.ledger.check_job(manifest) == []
+
+    run(go)
+
+
+def test_drain_leaves_an_open_job_that_the_next_start_finishes(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with Simulator(api_key=KEY, seed=6) as sim:
+            manifest = sim.add_job(media=4, analyses=5)
+            project = manifest["project"]["id"]
+            settings = settings_for(sim, tmp_path)
+            engine = ScriptedEngine(delay=0.02, slots=2)
+            stop = asyncio.Event()  # what SIGTERM sets in `serve`
+            task = asyncio.create_task(
+                run_worker(settings, burst=True, engine=engine, handle_signals=False, stop=stop)
+            )
+            while len(accepted(sim, project)) < 3:
+                await asyncio.sleep(0.01)
+            stop.set()
+            result = await task
+            assert result.drained and result.exit_code == 0
+            partial = len(accepted(sim, project))
+            assert 3 <= partial < 20
+            assert sim.ledger.statuses[project] == ["processing"]
+            await run_worker(settings, burst=True, engine=ScriptedEngine(), handle_signals=False)
+            assert sim.ledger.check_job(manifest) == []
+
+    run(go)
