@@ -1,0 +1,53 @@
+"""``goflow-gpu dev``: developer commands that build local model directories (no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+dev_app = typer.Typer(
+    help="Developer tools: build local model directories for tests, the demo and benchmarks.",
+    no_args_is_help=True,
+)
+
+
+@dev_app.command("tiny-model")
+def tiny_model(
+    directory: Annotated[Path, typer.Argument(help="Where to write the model (created).")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Build a tiny random-weight Qwen2.5-VL (a few MB) that vLLM and transformers load.
+
+    Its answers mean nothing: it exists to run the whole flow on a laptop. No network needed.
+    """
+    from goflow_gpu.engines.tiny import build_tiny_model, directory_size
+
+    path = build_tiny_model(directory, seed=seed)
+    size_mb = directory_size(path) / 1e6
+    typer.echo(f"tiny Qwen2.5-VL (random weights) written to {path} ({size_mb:.1f} MB)")
+
+
+@dev_app.command("random-arch")
+def random_arch(
+    directory: Annotated[Path, typer.Argument(help="Where to write the config (created).")],
+    arch: Annotated[str, typer.Option(help="Architecture: 3b or 7b.")] = "7b",
+) -> None:
+    """Write a weightless model dir of the real Qwen2.5-VL-3B/7B shapes.
+
+    Load it with ``load_format: dummy`` (random weights) to benchmark the real architecture
+    without downloading weights. The tokenizer is the tiny one, so the text means nothing.
+    """
+    from goflow_gpu.engines.tiny import build_random_model_dir
+
+    name: Literal["3b", "7b"]
+    if arch.lower() == "3b":
+        name = "3b"
+    elif arch.lower() == "7b":
+        name = "7b"
+    else:
+        typer.echo(f"unknown --arch {arch!r}: choose 3b or 7b", err=True)
+        raise typer.Exit(2)
+    path = build_random_model_dir(directory, arch=name)
+    typer.echo(f"Qwen2.5-VL-{name.upper()} architecture (no weights) written to {path}")
