@@ -1,0 +1,345 @@
+"""QA of one model answer: strict JSON, the spec's schema, then semantic rules.
+
+Steps, each stopping at its first failing stage so reasons stay relevant:
+
+1. parse: the whole answer must be one JSON object; one fenced block (```json ... ```) around it
+   is tolerated, nothing looser (no prose, no JSON picked out of text);
+2. schema: every violation of the spec's JSON schema, as ``field: problem``;
+3. semantics (:class:`~goflow_gpu.prompts.spec.QARules`): confidences in [0, 1]; boxes lie in
+   the image as the model saw it (a small overhang is clamped) and are converted to the
+   original image's pixels; required texts and lists are not empty; listed items are distinct.
+
+Reasons are written for two readers: the operator in logs and state, and the model itself, which
+gets them back in the retry prompt (:func:`retry_user_prompt`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError as SchemaViolation
+
+from goflow_gpu.prompts.geometry import to_original_box
+from goflow_gpu.prompts.spec import QARules, RenderedPrompt
+
+MAX_REASONS = 20
+_FENCE = re.compile(r"\A```(?:json|JSON)?[ \t]*\r?\n(?P<body>.*?)\r?\n?```\Z", re.DOTALL)
+_BOX_KEYS = ("x", "y", "width", "height")
+_JSON_NAMES = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    type(None): "null",
+}
+
+
+@dataclass
+class QAVerdict:
+    """The outcome of QA: ``result`` is the converted result when ``passed``."""
+
+    passed: bool
+    result: dict[str, Any] | None
+    reasons: list[str] = field(default_factory=list)
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def check_output(
+    text: str,
+    rendered: RenderedPrompt,
+    qa: QARules,
+    *,
+    original_size: tuple[int, int],
+    model_size: tuple[int, int],
+) -> QAVerdict:
+    """Check one answer; sizes are ``(width, height)`` of the original and the model's image."""
+    try:
+        data = parse_json_output(text)
+    except _NotJson as exc:
+        return QAVerdict(passed=False, result=None, reasons=[str(exc)])
+    reasons = schema_reasons(data, rendered.json_schema)
+    if reasons:
+        return QAVerdict(passed=False, result=None, reasons=reasons)
+    result = copy.deepcopy(data)
+    reasons = _semantic_reasons(result, qa, original_size, model_size)
+    if reasons:
+        return QAVerdict(passed=False, result=None, reasons=reasons[:MAX_REASONS])
+    return QAVerdict(passed=True, result=result, reasons=[])
+
+
+def retry_user_prompt(user_prompt: str, reasons: list[str]) -> str:
+    """The user prompt again, with the reasons the last answer was rejected appended."""
+    shown = [r if len(r) <= 300 else r[:297] + "..." for r in reasons[:10]]
+    lines = "\n".join(f"- {r}" for r in shown)
+    more = f"\n- ... and {len(reasons) - len(shown)} more" if len(reasons) > len(shown) else ""
+    return (
+        f"{user_prompt}\n\n"
+        f"Your previous answer was rejected for these reasons:\n{lines}{more}\n"
+        "Answer again with one JSON object only that fixes every one of them."
+    )
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+
+def parse_json_output(text: str) -> dict[str, Any]:
+    """The JSON object in ``text``; raises ``ValueError`` with a reason a model can act on."""
+    stripped = text.strip()
+    if not stripped:
+        raise _NotJson("the answer is empty; answer with one JSON object")
+    fenced = _FENCE.match(stripped)
+    body = fenced.group("body").strip() if fenced else stripped
+    if fenced and "```" in body:
+        raise _NotJson("the answer holds more than one fenced block; answer with one JSON object")
+    try:
+        data = _strict_loads(body)
+    except json.JSONDecodeError as exc:
+        if _has_json_inside(body):
+            raise _NotJson(
+                "the answer has text around the JSON object; answer with the JSON object only, "
+                "no prose before or after it"
+            ) from None
+        if _is_cut_off(body):
+            raise _NotJson(
+                "the answer is not valid JSON: it ends early (cut off at the token limit?); "
+                "keep texts and lists shorter"
+            ) from None
+        raise _NotJson(
+            f"the answer is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except ValueError as exc:
+        raise _NotJson(f"the answer is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise _NotJson(f"the answer must be a JSON object, got {_json_type(data)}")
+    return data
+
+
+def _strict_loads(text: str) -> Any:
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not allowed in JSON")
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out:
+                raise ValueError(f"duplicate key '{key}'")
+            out[key] = value
+        return out
+
+    return json.loads(text, parse_constant=no_constants, object_pairs_hook=pairs)
+
+
+def _is_cut_off(text: str) -> bool:
+    """True when the text ends inside a string or with brackets still open."""
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+    return text.lstrip().startswith(("{", "[")) and (in_string or depth > 0)
+
+
+def _has_json_inside(text: str) -> bool:
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start or (start == 0 and end == len(text) - 1):
+        return False
+    try:
+        json.loads(text[start : end + 1])
+    except ValueError:
+        return False
+    return True
+
+
+# --- schema ----------------------------------------------------------------------------------
+
+
+def schema_reasons(data: Any, schema: dict[str, Any]) -> list[str]:
+    """Every schema violation of ``data`` as ``field: problem``, in document order."""
+    validator = Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
+    return [_describe_violation(e) for e in errors[:MAX_REASONS]]
+
+
+def _describe_violation(error: SchemaViolation) -> str:
+    where = _path_text(list(error.absolute_path))
+    value = error.instance
+    kind = error.validator
+    expected = error.validator_value
+    if kind == "required":
+        missing = [name for name in expected if isinstance(value, dict) and name not in value]
+        name = missing[0] if missing else error.message
+        return f"{_join(where, name)}: missing required field"
+    if kind == "additionalProperties" and isinstance(value, dict):
+        schema = error.schema if isinstance(error.schema, dict) else {}
+        known = set(schema.get("properties") or {})
+        extra = sorted(k for k in value if k not in known)
+        return f"{where}: unexpected field(s) {', '.join(extra)}"
+    if kind == "type":
+        return f"{where}: expected {_or(expected)}, got {_json_type(value)} {_short(value)}"
+    if kind == "maxItems":
+        return f"{where}: too many items ({len(value)}, at most {expected})"
+    if kind == "minItems":
+        return f"{where}: too few items ({len(value)}, at least {expected})"
+    if kind == "maxLength":
+        return f"{where}: text too long ({len(value)} characters, at most {expected})"
+    if kind == "minLength":
+        return f"{where}: text too short ({len(value)} characters, at least {expected})"
+    if kind == "maximum":
+        return f"{where}: {_short(value)} is above the maximum {expected}"
+    if kind == "minimum":
+        return f"{where}: {_short(value)} is below the minimum {expected}"
+    if kind == "enum":
+        return f"{where}: {_short(value)} is not one of {', '.join(map(json.dumps, expected))}"
+    if kind == "pattern":
+        return f"{where}: {_short(value)} does not match the pattern {expected}"
+    return f"{where}: {error.message}"
+
+
+def _path_text(path: list[Any]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _join(where: str, name: str) -> str:
+    return name if where == "(top level)" else f"{where}.{name}"
+
+
+def _or(expected: Any) -> str:
+    return " or ".join(expected) if isinstance(expected, list) else str(expected)
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_NAMES.get(type(value), type(value).__name__)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --- semantic rules --------------------------------------------------------------------------
+
+
+def _semantic_reasons(
+    result: dict[str, Any],
+    qa: QARules,
+    original_size: tuple[int, int],
+    model_size: tuple[int, int],
+) -> list[str]:
+    reasons: list[str] = []
+    for path, key, parent in _walk_keys(result, []):
+        value = parent[key]
+        where = _path_text([*path, key])
+        if key in qa.confidence_fields:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                reasons.append(f"{where}: confidence must be a number from 0 to 1")
+            elif not (0.0 <= value <= 1.0) or math.isnan(value):
+                reasons.append(f"{where}: confidence {value} is outside [0, 1]")
+        if key in qa.box_fields:
+            reason = _check_box(parent, key, where, qa, original_size, model_size)
+            if reason:
+                reasons.append(reason)
+    for name in qa.non_empty:
+        value = result.get(name)
+        if value is None or (isinstance(value, (str, list, dict)) and not _has_content(value)):
+            reasons.append(f"{name}: must not be empty")
+    for name in qa.distinct:
+        items = result.get(name)
+        if isinstance(items, list):
+            seen: set[str] = set()
+            for item in items:
+                token = json.dumps(item, sort_keys=True).lower()
+                if token in seen:
+                    reasons.append(f"{name}: {_short(item)} is listed more than once")
+                    break
+                seen.add(token)
+    return reasons
+
+
+def _has_content(value: str | list[Any] | dict[str, Any]) -> bool:
+    return bool(value.strip()) if isinstance(value, str) else bool(value)
+
+
+def _walk_keys(node: Any, path: list[Any]) -> list[tuple[list[Any], str, dict[str, Any]]]:
+    """Every (path of the parent, key, parent dict) in the tree, parents before children."""
+    found: list[tuple[list[Any], str, dict[str, Any]]] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found.append((path, key, node))
+            found.extend(_walk_keys(value, [*path, key]))
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            found.extend(_walk_keys(item, [*path, index]))
+    return found
+
+
+def _check_box(
+    parent: dict[str, Any],
+    key: str,
+    where: str,
+    qa: QARules,
+    original_size: tuple[int, int],
+    model_size: tuple[int, int],
+) -> str | None:
+    """Check a model-space box, then replace it with the clamped box in original pixels."""
+    box = parent[key]
+    if not isinstance(box, dict) or not all(
+        isinstance(box.get(k), (int, float)) and not isinstance(box.get(k), bool) for k in _BOX_KEYS
+    ):
+        return f"{where}: a box needs numbers x, y, width and height"
+    model_w, model_h = model_size
+    x, y, w, h = (float(box[k]) for k in _BOX_KEYS)
+    if w <= 0 or h <= 0:
+        return f"{where}: the box is empty (width {box['width']}, height {box['height']})"
+    slack_x, slack_y = qa.box_tolerance * model_w, qa.box_tolerance * model_h
+    within_x = -slack_x <= x and x + w <= model_w + slack_x
+    within_slack = within_x and -slack_y <= y and y + h <= model_h + slack_y
+    # Even within the slack, a box must cover some part of the image to be clamped into it.
+    overlaps = x < model_w and y < model_h and x + w > 0 and y + h > 0
+    if not (within_slack and overlaps):
+        return _outside(where, (x, y, w, h), model_size)
+    # Within tolerance: clamp to the image, then convert to the original's pixels.
+    left, top = max(0.0, x), max(0.0, y)
+    right, bottom = min(float(model_w), x + w), min(float(model_h), y + h)
+    clamped = {"x": left, "y": top, "width": right - left, "height": bottom - top}
+    converted = to_original_box(clamped, model_size, original_size)
+    orig_w, orig_h = original_size
+    converted["width"] = max(1, min(converted["width"], orig_w - converted["x"]))
+    converted["height"] = max(1, min(converted["height"], orig_h - converted["y"]))
+    parent[key] = {**box, **converted}
+    return None
+
+
+def _outside(where: str, box: tuple[float, float, float, float], size: tuple[int, int]) -> str:
+    x, y, w, h = (_num(v) for v in box)
+    return (
+        f"{where}: the box x={x} y={y} width={w} height={h} lies outside the image, which is "
+        f"{size[0]}x{size[1]} pixels as you see it (use pixel coordinates of that image)"
+    )
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if value.is_integer() else f"{value:g}"
