@@ -104,6 +104,8 @@ def run_demo(
     # A made-up key shared by the in-process simulator and worker only.
     key = "demo-" + secrets.token_hex(12)
     os.environ["GOFLOW_API_KEY"] = key
+    # vLLM's own INFO lines would bury the progress bar and the summary.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     return asyncio.run(_demo(media, analyses, engine, model, config, workdir, key, console))
 
 

@@ -81,7 +81,11 @@ def main() -> int:
         base_url=base_url, state_dir=Path(state_dir), poll_interval_min=0.01, poll_interval_max=0.05
     )
     result = asyncio.run(
-        run_worker(settings, burst=True, engine=ScriptedEngine(delay=0.001, slots=4))
+        run_worker(
+            settings,
+            burst=True,
+            engine=ScriptedEngine(delay=float(os.environ.get("ENGINE_DELAY", "0.001")), slots=4),
+        )
     )
     return result.exit_code
 

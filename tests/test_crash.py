@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,33 @@ def test_kill_and_resume_keeps_exactly_once(
     if repeatable == "report":
         problems = [p for p in problems if "report" not in p]
     assert problems == []
+
+
+def test_sigterm_during_inference_drains_and_exits_0(tmp_path: Path) -> None:
+    env = dict(os.environ, GOFLOW_API_KEY=KEY, ENGINE_DELAY="0.2")
+    with SimulatorThread(Simulator(api_key=KEY, seed=12)) as sim:
+        manifest = sim.add_job(media=4, analyses=10)
+        project = manifest["project"]["id"]
+        proc = subprocess.Popen(
+            [sys.executable, str(HARNESS), str(tmp_path), sim.base_url],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            results = sim.ledger_snapshot()["results"]
+            if sum(1 for k in results if k.startswith(project)) >= 4:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr[-2000:]
+        snapshot = sim.ledger_snapshot()
+        reported = sum(1 for k in snapshot["results"] if k.startswith(project))
+        assert 4 <= reported < 40  # drained: in-flight work reported, the rest left
+        assert snapshot["statuses"][project] == ["processing"]
+        resumed = start(tmp_path, sim.base_url, None)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert sim.check_job(manifest) == []
