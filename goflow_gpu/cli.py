@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from goflow_gpu.doctor import register as register_doctor
 from goflow_gpu.engines.cli import dev_app
 from goflow_gpu.errors import AuthenticationError, ConfigError, GoFlowError, StateError
 from goflow_gpu.logs import setup_logging
@@ -43,6 +44,7 @@ app.add_typer(state_app, name="state")
 app.add_typer(prompts_app, name="prompts")
 app.add_typer(dev_app, name="dev")
 register_simulate(app)
+register_doctor(app)
 
 out = Console()
 err = Console(stderr=True)
@@ -63,6 +65,12 @@ EngineOpt = Annotated[
 ]
 ModelOpt = Annotated[
     str | None, typer.Option(help="Model id in the HF cache, or a local dir [env GOFLOW_MODEL].")
+]
+MetricsPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Serve /metrics, /healthz and /readyz on this port [env GOFLOW_METRICS_PORT]."
+    ),
 ]
 LogFormatOpt = Annotated[
     str | None,
@@ -99,26 +107,11 @@ def _settings(config: Path | None, **flags: Any) -> Settings:
     return settings
 
 
-def _work(
-    burst: bool,
-    config: Path | None,
-    base_url: str | None,
-    state_dir: Path | None,
-    engine: str | None,
-    model: str | None,
-    log_format: str | None,
-) -> None:
+def _work(burst: bool, config: Path | None, **flags: Any) -> None:
     from goflow_gpu.service import run_worker
 
     with _errors():
-        settings = _settings(
-            config,
-            base_url=base_url,
-            state_dir=state_dir,
-            engine=engine,
-            model=model,
-            log_format=log_format,
-        )
+        settings = _settings(config, **flags)
         settings.require_api_key()
         result = asyncio.run(run_worker(settings, burst=burst))
     jobs = len(result.jobs)
@@ -139,13 +132,23 @@ def serve(
     engine: EngineOpt = None,
     model: ModelOpt = None,
     log_format: LogFormatOpt = None,
+    metrics_port: MetricsPortOpt = None,
 ) -> None:
     """Run the worker forever: resume unfinished jobs, then poll next-job (with backoff).
 
     SIGTERM or Ctrl-C stops polling, lets in-flight requests finish and be reported, records
     the state and exits 0; the next start resumes the job where it stopped.
     """
-    _work(False, config, base_url, state_dir, engine, model, log_format)
+    _work(
+        False,
+        config,
+        base_url=base_url,
+        state_dir=state_dir,
+        engine=engine,
+        model=model,
+        log_format=log_format,
+        metrics_port=metrics_port,
+    )
 
 
 @app.command()
@@ -156,13 +159,23 @@ def run(
     engine: EngineOpt = None,
     model: ModelOpt = None,
     log_format: LogFormatOpt = None,
+    metrics_port: MetricsPortOpt = None,
 ) -> None:
     """Burst mode: process jobs until next-job says there is none, then exit.
 
     Exit 0 when every job closed, 1 when a job had to be skipped (invalid manifest, kept in
     the state for inspection) or could not be finished, 3 when the key is refused.
     """
-    _work(True, config, base_url, state_dir, engine, model, log_format)
+    _work(
+        True,
+        config,
+        base_url=base_url,
+        state_dir=state_dir,
+        engine=engine,
+        model=model,
+        log_format=log_format,
+        metrics_port=metrics_port,
+    )
 
 
 @state_app.command("show")

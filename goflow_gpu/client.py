@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
@@ -62,6 +62,10 @@ from goflow_gpu.retry import POLICIES, RetryPolicy, RetryStats, call_with_retry,
 from goflow_gpu.settings import check_backend_url
 
 __all__ = ["GoFlowClient"]
+
+#: Called after every attempt: (endpoint, HTTP status or None, seconds, failure cause or None).
+#: Metrics and readiness use it; it must be quick and must not raise.
+CallHook = Callable[[str, int | None, float, str | None], None]
 
 log = get_logger(__name__)
 
@@ -227,6 +231,7 @@ class GoFlowClient:
         session: aiohttp.ClientSession | None = None,
         stats: RetryStats | None = None,
         max_connections: int = 64,
+        on_call: CallHook | None = None,
     ) -> None:
         try:
             self._base_url = check_backend_url(base_url, "base_url")
@@ -242,6 +247,7 @@ class GoFlowClient:
         self._owns_session = session is None
         self._stats = stats
         self._max_connections = max_connections
+        self._on_call = on_call
 
     def __repr__(self) -> str:
         return f"GoFlowClient(base_url={self._base_url!r})"
@@ -417,6 +423,12 @@ class GoFlowClient:
             if not isinstance(exc, aiohttp.ClientConnectorError):
                 state.maybe_delivered = True
         duration_ms = round((time.monotonic() - started) * 1000, 1)
+        if self._on_call is not None:
+            answered = outcome.status if isinstance(outcome, _Answer) else None
+            cause = None
+            if answered is None:
+                cause = "timeout" if isinstance(outcome, TimeoutError) else "network"
+            self._on_call(call.endpoint, answered, duration_ms / 1000, cause)
         fields: dict[str, Any] = {
             "endpoint": call.endpoint,
             "method": call.method,

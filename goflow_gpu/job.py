@@ -459,16 +459,34 @@ class JobRunner:
             if unknown_before or exc.prior_attempt_unknown:
                 self.store.mark_reported(key, 400, "duplicate after unknown outcome: accepted")
                 log.info("result already accepted earlier", slug=row.slug)
-                self.events.emit("post_finished", *ids, http_status=400, outcome="duplicate")
+                self.events.emit(
+                    "post_finished",
+                    *ids,
+                    result_status=row.result_status,
+                    http_status=400,
+                    outcome="duplicate",
+                )
             else:
                 self.store.mark_rejected(key, 400, _detail(exc))
                 log.error("result refused as duplicate", slug=row.slug, detail=_detail(exc))
-                self.events.emit("post_finished", *ids, http_status=400, outcome="rejected")
+                self.events.emit(
+                    "post_finished",
+                    *ids,
+                    result_status=row.result_status,
+                    http_status=400,
+                    outcome="rejected",
+                )
             return
         except (UnprocessableError, InvalidRequestError, NotFoundError) as exc:
             self.store.mark_rejected(key, exc.status or 0, _detail(exc))
             log.error("result refused", slug=row.slug, status=exc.status, detail=_detail(exc))
-            self.events.emit("post_finished", *ids, http_status=exc.status, outcome="rejected")
+            self.events.emit(
+                "post_finished",
+                *ids,
+                result_status=row.result_status,
+                http_status=exc.status,
+                outcome="rejected",
+            )
             return
         except TransientError as exc:
             # The client's retries are spent and the outcome is unknown: try again after a
@@ -481,13 +499,25 @@ class JobRunner:
                 pause=self.options.repost_pause,
                 draining=self.stopping.is_set(),
             )
-            self.events.emit("post_finished", *ids, http_status=exc.status, outcome="retry")
+            self.events.emit(
+                "post_finished",
+                *ids,
+                result_status=row.result_status,
+                http_status=exc.status,
+                outcome="retry",
+            )
             if not self.stopping.is_set():
                 await asyncio.sleep(self.options.repost_pause)
                 self._report_q.put_nowait(key)
             return
         self.store.mark_reported(key, code)
-        self.events.emit("post_finished", *ids, http_status=code, outcome="accepted")
+        self.events.emit(
+            "post_finished",
+            *ids,
+            result_status=row.result_status,
+            http_status=code,
+            outcome="accepted",
+        )
         log.info("result reported", slug=row.slug, status=row.result_status, http_status=code)
 
     def _check_ids(self, key: ComboKey) -> None:

@@ -13,9 +13,11 @@ from goflow_gpu.client import GoFlowClient
 from goflow_gpu.engines import create_engine
 from goflow_gpu.engines.base import Engine
 from goflow_gpu.events import Events
+from goflow_gpu.health import Readiness, api_call_hook, start_ops_server
 from goflow_gpu.job import JobOptions
 from goflow_gpu.logs import get_logger, register_secret
 from goflow_gpu.media import MediaFetcher, MediaLimits
+from goflow_gpu.metrics import Metrics
 from goflow_gpu.settings import Settings
 from goflow_gpu.store import Store
 from goflow_gpu.worker import Worker, WorkerResult
@@ -68,10 +70,23 @@ async def run_worker(
     """
     api_key = settings.require_api_key()
     register_secret(api_key.get_secret_value())
+    events = events or Events()
+    metrics = Metrics()
+    readiness = Readiness()
+    events.subscribe(metrics.observe)
+    ops = None
+    if settings.metrics_port is not None:
+        ops = await start_ops_server(
+            settings.metrics_host, settings.metrics_port, metrics, readiness
+        )
+        log.info("metrics and health endpoints up", url=ops.url)
     store = Store.open(settings.state_dir)
+    readiness.state_open = True
     try:
         engine = engine if engine is not None else create_engine(settings)
-        async with GoFlowClient(settings.base_url, api_key) as client:
+        async with GoFlowClient(
+            settings.base_url, api_key, on_call=api_call_hook(metrics, readiness)
+        ) as client:
             fetcher = MediaFetcher(
                 store,
                 MediaLimits(
@@ -81,6 +96,7 @@ async def run_worker(
             )
             log.info("loading engine", engine=engine.name, model=settings.model)
             await engine.start()
+            readiness.engine_loaded = True
             try:
                 worker = Worker(
                     store=store,
@@ -99,7 +115,11 @@ async def run_worker(
                         return await worker.run(burst=burst)
                 return await worker.run(burst=burst)
             finally:
+                readiness.engine_loaded = False
                 await fetcher.close()
                 await engine.close()
     finally:
+        readiness.state_open = False
         store.close()
+        if ops is not None:
+            await ops.stop()

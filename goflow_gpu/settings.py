@@ -111,7 +111,10 @@ class Settings(BaseSettings):
     # Observability
     log_format: LogFormat = "auto"
     log_level: str = "INFO"
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="serve /metrics, /healthz, /readyz here"
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="0.0.0.0 inside a container")
 
     @field_validator("base_url")
     @classmethod
