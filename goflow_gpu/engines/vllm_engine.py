@@ -1,0 +1,350 @@
+"""The vLLM engine: an in-process ``AsyncLLM`` that batches every concurrent :meth:`infer` call.
+
+vLLM's scheduler does continuous batching across all requests in flight, so the worker simply
+awaits many :meth:`VllmEngine.infer` calls at once (see :meth:`Engine.stream`). What makes a job
+cheap is the prompt layout: the shared system prompt, then the image, then the analysis text.
+With automatic prefix caching on, the 2nd..nth analysis of an image reuse the KV blocks of the
+image (``cached_tokens`` in the result shows it).
+
+Settings used: ``model`` (a hub id from the Hugging Face cache or a local directory), ``dtype``,
+``max_model_len``, ``max_num_seqs``, ``gpu_memory_utilization`` (on vLLM's CPU build it sizes the
+KV cache in RAM), ``tensor_parallel_size``, ``data_parallel_size``, ``seed``, ``load_format``
+(``dummy`` = random weights of the real architecture), ``enforce_eager``, ``min_pixels`` /
+``max_pixels`` (the image processor's resize bounds) and ``max_in_flight``.
+
+Structured outputs use xgrammar with ``disable_any_whitespace``: the JSON comes out compact, so
+the token budget is spent on content rather than padding.
+
+vLLM is imported inside :meth:`VllmEngine.start`, never at module import, so the CLI starts
+without it. vLLM's exceptions are mapped here: a failure of one request becomes
+``result.error``; a dead or unloadable engine raises :class:`~goflow_gpu.errors.EngineError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from goflow_gpu.engines.base import Engine, InferenceRequest, InferenceResult
+from goflow_gpu.engines.images import load_image
+from goflow_gpu.errors import EngineError, MediaError
+from goflow_gpu.logs import get_logger
+from goflow_gpu.prompts.geometry import smart_resize
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from goflow_gpu.settings import Settings
+
+log = get_logger(__name__)
+
+# Qwen2.5-VL: 14 px patches merged 2x2 into one image token.
+IMAGE_FACTOR = 28
+
+
+class VllmEngine(Engine):
+    """Qwen2.5-VL on an in-process vLLM ``AsyncLLM`` (continuous batching, prefix caching)."""
+
+    name = "vllm"
+    supports_json_schema = True
+    supports_prefix_caching = True
+    reports_cached_tokens = True
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        model_label: str = "qwen2.5vl",
+        dtype: str = "auto",
+        max_model_len: int = 16384,
+        max_num_seqs: int = 64,
+        gpu_memory_utilization: float = 0.9,
+        tensor_parallel_size: int = 1,
+        data_parallel_size: int = 1,
+        seed: int = 0,
+        load_format: str = "auto",
+        enforce_eager: bool = False,
+        min_pixels: int = 256 * 28 * 28,
+        max_pixels: int = 1280 * 28 * 28,
+        max_in_flight: int = 64,
+    ) -> None:
+        self.model = model
+        self.model_label = model_label
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.tensor_parallel_size = tensor_parallel_size
+        self.data_parallel_size = data_parallel_size
+        self.seed = seed
+        self.load_format = load_format
+        self.enforce_eager = enforce_eager
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.max_in_flight = max_in_flight
+        self._llm: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
+        self._processor: Any = None  # transformers processor: holds the chat template
+        self._start_lock = asyncio.Lock()
+        self._closed = False
+        self._in_flight: set[str] = set()
+        self._ids = itertools.count()
+        self._id_prefix = uuid.uuid4().hex[:8]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> VllmEngine:
+        """Build the engine from settings; nothing is loaded until :meth:`start`."""
+        return cls(
+            model=settings.model,
+            model_label=settings.model_label,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            data_parallel_size=settings.data_parallel_size,
+            seed=settings.seed,
+            load_format=settings.load_format,
+            enforce_eager=settings.enforce_eager,
+            min_pixels=settings.min_pixels,
+            max_pixels=settings.max_pixels,
+            max_in_flight=settings.max_in_flight,
+        )
+
+    @property
+    def unfinished_requests(self) -> int:
+        """Requests vLLM holds right now (queued or running); 0 when not started (metrics)."""
+        llm = self._llm
+        return int(llm.get_num_unfinished_requests()) if llm is not None else 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the model into an ``AsyncLLM``. Idempotent; raises :class:`EngineError`."""
+        async with self._start_lock:
+            if self._llm is not None:
+                return
+            if self._closed:
+                raise EngineError("the vLLM engine was closed; create a new one")
+            began = time.monotonic()
+            # Loading takes seconds to minutes: keep the event loop (heartbeats, downloads) alive.
+            # AsyncLLM starts its output handler on the first request when built off the loop.
+            await asyncio.to_thread(self._load)
+            log.info(
+                "vllm engine ready",
+                model=self.model,
+                load_seconds=round(time.monotonic() - began, 1),
+            )
+
+    def _load(self) -> None:
+        # The engine is stored on self, never returned: the executor's futures and frames that
+        # carried a return value outlive the call, and would pin the AsyncLLM after close().
+        processor, args = self._prepare()
+        self._processor = processor
+        self._llm = _build_async_llm(self.model, args)
+
+    def _prepare(self) -> tuple[Any, Any]:
+        try:
+            from transformers import AutoProcessor
+            from vllm.config import StructuredOutputsConfig
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401 - import it here
+        except ImportError as exc:
+            raise EngineError(f"the vllm engine needs vllm and transformers: {exc}") from exc
+        args = AsyncEngineArgs(
+            model=self.model,
+            dtype=self.dtype,  # type: ignore[arg-type]  # validated by vLLM, named in errors
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            tensor_parallel_size=self.tensor_parallel_size,
+            data_parallel_size=self.data_parallel_size,
+            seed=self.seed,
+            load_format=self.load_format,
+            enforce_eager=self.enforce_eager,
+            enable_prefix_caching=True,
+            limit_mm_per_prompt={"image": 1},
+            mm_processor_kwargs={"min_pixels": self.min_pixels, "max_pixels": self.max_pixels},
+            # Compact JSON: the token budget goes to content, not to whitespace padding.
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=True
+            ),
+            disable_log_stats=True,
+        )
+        try:
+            # The chat template lives with the processor (chat_template.json), not the tokenizer.
+            processor = AutoProcessor.from_pretrained(self.model)  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            raise EngineError(f"cannot load the processor of model {self.model!r}: {exc}") from exc
+        return processor, args
+
+    async def close(self) -> None:
+        """Shut the engine (and its engine-core process) down and free its memory. Idempotent.
+
+        Requests still running end with ``result.error`` ("aborted: the engine was closed").
+        """
+        self._closed = True
+        async with self._start_lock:
+            llm, self._llm, self._processor = self._llm, None, None
+            if llm is None:
+                return
+            if self._in_flight:
+                await _abort_quietly(llm, list(self._in_flight))
+            # Stop the output handler before the engine core goes away; otherwise it sees the
+            # dead core and logs an error on every normal shutdown.
+            handler = getattr(llm, "output_handler", None)
+            if isinstance(handler, asyncio.Task):
+                handler.cancel()
+                await asyncio.gather(handler, return_exceptions=True)
+            await asyncio.to_thread(llm.shutdown)
+            del llm
+            gc.collect()
+            _empty_device_cache()
+            log.info("vllm engine closed", model=self.model)
+
+    # -- inference ------------------------------------------------------------------------------
+
+    async def infer(self, request: InferenceRequest) -> InferenceResult:
+        """Answer one request; concurrent calls are batched by vLLM's scheduler.
+
+        Cancelling the awaiting task aborts the request inside vLLM, freeing its KV blocks.
+        """
+        started = time.monotonic()
+        if self._llm is None:
+            await self.start()
+        llm, processor = self._llm, self._processor
+        if llm is None:  # closed while starting
+            raise EngineError("the vLLM engine is closed")
+        try:
+            image, image_size = await asyncio.to_thread(self._load_image, request.image_path)
+        except MediaError as exc:
+            return InferenceResult(
+                request.request_id, "", "error", started_at=started,
+                finished_at=time.monotonic(), error=str(exc),
+            )  # fmt: skip
+        prompt = {
+            "prompt": _render_prompt(processor, request),
+            "multi_modal_data": {"image": image},
+        }
+        params = self._sampling_params(request)
+        # vLLM needs unique ids; the worker's ids may repeat across QA retries of one combination.
+        vllm_id = f"{request.request_id}-{self._id_prefix}-{next(self._ids)}"
+        final: Any = None
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self._in_flight.add(vllm_id)
+        try:
+            async for output in llm.generate(prompt, params, vllm_id):
+                final = output
+        except asyncio.CancelledError:
+            # generate() aborts on cancellation itself; abort again by our id in case the
+            # cancellation landed before its collector existed (abort of an unknown id is a no-op).
+            await asyncio.shield(_abort_quietly(llm, vllm_id))
+            raise
+        except EngineDeadError as exc:
+            raise EngineError(f"the vLLM engine died: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - any other vLLM failure is this request's
+            return InferenceResult(
+                request.request_id, "", "error", image_size=image_size, started_at=started,
+                finished_at=time.monotonic(), error=f"vLLM rejected the request: {_describe(exc)}",
+            )  # fmt: skip
+        finally:
+            self._in_flight.discard(vllm_id)
+        finished = time.monotonic()
+        if final is None or not final.outputs:
+            return InferenceResult(
+                request.request_id, "", "error", image_size=image_size, started_at=started,
+                finished_at=finished, error="vLLM returned no output",
+            )  # fmt: skip
+        completion = final.outputs[0]
+        if completion.finish_reason == "abort":
+            return InferenceResult(
+                request.request_id, completion.text, "abort", image_size=image_size,
+                started_at=started, finished_at=finished,
+                error="aborted: the engine was closed while the request ran",
+            )  # fmt: skip
+        return InferenceResult(
+            request_id=request.request_id,
+            text=completion.text,
+            finish_reason=str(completion.finish_reason or "stop"),
+            prompt_tokens=len(final.prompt_token_ids or ()),
+            cached_tokens=final.num_cached_tokens,
+            generated_tokens=len(completion.token_ids),
+            image_size=image_size,
+            started_at=started,
+            finished_at=finished,
+        )
+
+    def _load_image(self, path: Path) -> tuple[Image.Image, tuple[int, int]]:
+        image = load_image(path)
+        height, width = smart_resize(
+            image.height, image.width, IMAGE_FACTOR, self.min_pixels, self.max_pixels
+        )
+        return image, (width, height)
+
+    def _sampling_params(self, request: InferenceRequest) -> Any:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+        structured = (
+            StructuredOutputsParams(json=request.json_schema)
+            if request.json_schema is not None
+            else None
+        )
+        return SamplingParams(
+            max_tokens=request.sampling.max_tokens,
+            temperature=request.sampling.temperature,
+            seed=self.seed,
+            structured_outputs=structured,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+
+def _render_prompt(processor: Any, request: InferenceRequest) -> str:
+    """The chat-template text: system turn, then the user turn with the image placeholder."""
+    image_part: dict[str, Any] = {"type": "image"}
+    text_part: dict[str, Any] = {"type": "text", "text": request.user_prompt}
+    user = [image_part, text_part] if request.image_first else [text_part, image_part]
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": request.system_prompt}]},
+        {"role": "user", "content": user},
+    ]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return str(text)
+
+
+def _build_async_llm(model: str, args: Any) -> Any:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    try:
+        return AsyncLLM.from_engine_args(args)
+    except Exception as exc:
+        raise EngineError(f"vLLM could not load model {model!r}: {exc}") from exc
+
+
+async def _abort_quietly(llm: Any, request_id: str | list[str]) -> None:
+    try:
+        await llm.abort(request_id)
+    except Exception as exc:  # noqa: BLE001 - best effort while already cancelling
+        log.warning("vllm abort failed", request_id=request_id, error=_describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    # EngineGenerateError carries its reason in __cause__.
+    cause = exc.__cause__
+    text = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    if cause is not None:
+        text += f" ({type(cause).__name__}: {cause})"
+    return text
+
+
+def _empty_device_cache() -> None:
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
