@@ -17,9 +17,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from goflow_gpu import progress
+from goflow_gpu.bench.cli import register as register_bench
 from goflow_gpu.doctor import register as register_doctor
 from goflow_gpu.engines.cli import dev_app
 from goflow_gpu.errors import AuthenticationError, ConfigError, GoFlowError, StateError
+from goflow_gpu.events import Events
 from goflow_gpu.logs import setup_logging
 from goflow_gpu.prompts.cli import app as prompts_app
 from goflow_gpu.settings import Settings, load_settings
@@ -45,6 +48,7 @@ app.add_typer(prompts_app, name="prompts")
 app.add_typer(dev_app, name="dev")
 register_simulate(app)
 register_doctor(app)
+register_bench(app)
 
 out = Console()
 err = Console(stderr=True)
@@ -113,7 +117,11 @@ def _work(burst: bool, config: Path | None, **flags: Any) -> None:
     with _errors():
         settings = _settings(config, **flags)
         settings.require_api_key()
-        result = asyncio.run(run_worker(settings, burst=burst))
+        events = Events()
+        with contextlib.ExitStack() as stack:
+            if progress.wanted(err, settings.log_format):
+                events.subscribe(stack.enter_context(progress.JobProgress(err)))
+            result = asyncio.run(run_worker(settings, burst=burst, events=events))
     jobs = len(result.jobs)
     closed = sum(1 for j in result.jobs if j.closed)
     err.print(
