@@ -10,6 +10,7 @@ fail. The simulator's ledger then proves every combination was reported exactly 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -21,9 +22,10 @@ from typing import Any
 
 from rich.console import Console
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from goflow_gpu import progress
+from goflow_gpu.events import Events
 from goflow_gpu.logs import setup_logging
 from goflow_gpu.settings import Settings, load_settings
 from goflow_gpu.simulator import Simulator
@@ -149,29 +151,11 @@ async def _demo(
             f"[bold]{settings.engine}[/], model {settings.model}"
         )
         project_id = manifest["project"]["id"]
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        ) as progress:
-            task = progress.add_task("loading engine, then reporting results", total=total)
-
-            async def watch() -> None:
-                while True:
-                    done = sum(1 for k in sim.ledger.results if k[0] == project_id)
-                    progress.update(task, completed=done)
-                    await asyncio.sleep(0.3)
-
-            watcher = asyncio.create_task(watch())
-            try:
-                result = await run_worker(settings, burst=True, handle_signals=False)
-            finally:
-                watcher.cancel()
-            done = sum(1 for k in sim.ledger.results if k[0] == project_id)
-            progress.update(task, completed=done, description="results reported")
+        events = Events()
+        with contextlib.ExitStack() as stack:
+            if progress.wanted(console, settings.log_format):
+                events.subscribe(stack.enter_context(progress.JobProgress(console)))
+            result = await run_worker(settings, burst=True, handle_signals=False, events=events)
         problems = sim.ledger.check_job(manifest)
         snapshot = sim.ledger.snapshot()
     elapsed = time.monotonic() - started

@@ -6,11 +6,12 @@ The job runner calls :meth:`Events.emit`; each registered observer gets every
 and dropped, never allowed to break a job).
 
 Kinds (``data`` keys in brackets):
-``job_started`` [combinations, media, analyses], ``media_ready`` [variant, downloaded, error],
-``inference_started`` [attempt], ``inference_finished`` [attempt, prompt_tokens, cached_tokens,
-generated_tokens, error], ``qa_verdict`` [passed, attempt, final], ``post_started``,
-``post_finished`` [http_status, outcome: accepted|duplicate|rejected|retry], ``status_sent``
-[status], ``report_sent``, ``job_finished`` [closed, completed, failed].
+``job_started`` [combinations, media, analyses, reported (already terminal, on a resume)],
+``media_ready`` [variant, downloaded, error], ``inference_started`` [attempt],
+``inference_finished`` [attempt, prompt_tokens, cached_tokens, generated_tokens, error],
+``qa_verdict`` [passed, attempt, final], ``post_started``, ``post_finished`` [http_status,
+result_status, outcome: accepted|duplicate|rejected|retry], ``status_sent`` [status],
+``report_sent``, ``job_finished`` [closed, completed, failed].
 """
 
 from __future__ import annotations

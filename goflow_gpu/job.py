@@ -167,6 +167,7 @@ class JobRunner:
                 combinations=self.manifest.combinations,
                 media=len(self.manifest.media),
                 analyses=len(self.manifest.analyses),
+                reported=sum(counts.get(state, 0) for state in TERMINAL),
             )
             # Work left over from an earlier run: verdicts not yet (surely) reported.
             for row in self.store.combos(self.project_id, states=("ready", "posting")):

@@ -188,19 +188,33 @@ class ConsoleFormatter(logging.Formatter):
         return f"{line}\n{exc}" if exc else line
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time, so progress bars that redirect it
+    (rich) keep log lines above the bars instead of tearing them."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def setup_logging(fmt: str = "auto", level: str = "INFO", stream: IO[str] | None = None) -> None:
     """Configure the root logger once: JSON when not on a terminal (or ``fmt='json'``)."""
-    stream = stream or sys.stderr
-    is_tty = hasattr(stream, "isatty") and stream.isatty()
+    target: IO[str] = stream if stream is not None else _CurrentStderr()  # type: ignore[assignment]
+    is_tty = target.isatty()
     use_json = fmt == "json" or (fmt == "auto" and not is_tty)
-    handler = logging.StreamHandler(stream)
+    handler: logging.StreamHandler[IO[str]] = logging.StreamHandler(target)
     handler.addFilter(ContextFilter())
     handler.setFormatter(JsonFormatter() if use_json else ConsoleFormatter(colour=is_tty))
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "goflow_handler", False):
             root.removeHandler(old)
-    handler.goflow_handler = True  # type: ignore[attr-defined]
+    setattr(handler, "goflow_handler", True)  # noqa: B010 - marks our handler for replacement
     root.addHandler(handler)
     root.setLevel(level.upper())
     # Third-party chatter stays at WARNING unless debugging.
