@@ -27,36 +27,13 @@ from goflow_gpu.engines.openai_engine import OpenAIEngine
 from goflow_gpu.errors import ConfigError, EngineError
 from goflow_gpu.settings import Settings
 from tests.conftest import VLLM_SERVED_NAME
+from tests.engine_data import SCHEMAS
 
 pytestmark = pytest.mark.engine
 
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 448 * 448
 SYSTEM = "You are a careful vision assistant. Answer with JSON only."
-
-SCHEMAS: list[dict[str, Any]] = [
-    {
-        "type": "object",
-        "properties": {"ok": {"type": "boolean"}},
-        "required": ["ok"],
-        "additionalProperties": False,
-    },
-    {
-        "type": "object",
-        "properties": {"color": {"enum": ["red", "green", "blue"]}},
-        "required": ["color"],
-        "additionalProperties": False,
-    },
-    {
-        "type": "object",
-        "properties": {
-            "outdoor": {"type": "boolean"},
-            "mood": {"enum": ["happy", "sad", "neutral"]},
-        },
-        "required": ["outdoor", "mood"],
-        "additionalProperties": False,
-    },
-]
 
 
 @pytest.fixture(autouse=True)

@@ -26,6 +26,7 @@ from goflow_gpu.engines import InferenceRequest, InferenceResult, Sampling, crea
 from goflow_gpu.engines.vllm_engine import VllmEngine
 from goflow_gpu.errors import EngineError
 from goflow_gpu.settings import Settings
+from tests.engine_data import SCHEMAS
 
 pytestmark = pytest.mark.engine
 
@@ -42,31 +43,6 @@ IMAGES = {
     "tall.jpg": ((300, 500), (308, 504)),  # 11x18, fits as rounded
     "small.jpg": ((120, 90), (112, 84)),  # 4x3, fits as rounded
 }
-
-# Bounded schemas: each value has a finite set of spellings, so even random weights finish.
-SCHEMAS: list[dict[str, Any]] = [
-    {
-        "type": "object",
-        "properties": {"ok": {"type": "boolean"}},
-        "required": ["ok"],
-        "additionalProperties": False,
-    },
-    {
-        "type": "object",
-        "properties": {"color": {"enum": ["red", "green", "blue"]}},
-        "required": ["color"],
-        "additionalProperties": False,
-    },
-    {
-        "type": "object",
-        "properties": {
-            "outdoor": {"type": "boolean"},
-            "mood": {"enum": ["happy", "sad", "neutral"]},
-        },
-        "required": ["outdoor", "mood"],
-        "additionalProperties": False,
-    },
-]
 
 
 @dataclass

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from goflow_gpu.engines.images import smart_resize, visual_tokens
+from goflow_gpu.engines.images import visual_tokens
 from goflow_gpu.engines.tiny import (
     SPECIAL_TOKENS,
     build_random_model_dir,
     real_architecture_config,
 )
+from goflow_gpu.errors import MediaError
+from goflow_gpu.prompts.geometry import smart_resize
 
 EXPECTED_FILES = {
     "config.json",
@@ -196,12 +198,14 @@ def test_random_model_dir_has_config_and_tokenizer_but_no_weights(tmp_path: Path
 def test_smart_resize(
     size: tuple[int, int], budget: tuple[int, int], expected: tuple[int, int]
 ) -> None:
-    assert smart_resize(*size, min_pixels=budget[0], max_pixels=budget[1]) == expected
+    width, height = size
+    got_h, got_w = smart_resize(height, width, min_pixels=budget[0], max_pixels=budget[1])
+    assert (got_w, got_h) == expected
 
 
 def test_smart_resize_refuses_extreme_aspect_and_counts_tokens() -> None:
-    with pytest.raises(ValueError, match="aspect ratio"):
-        smart_resize(10_000, 20, min_pixels=3136, max_pixels=200704)
+    with pytest.raises(MediaError, match="aspect ratio"):
+        smart_resize(20, 10_000, min_pixels=3136, max_pixels=200704)
     assert visual_tokens(504, 364) == 18 * 13
 
 
