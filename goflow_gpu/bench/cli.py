@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from goflow_gpu import progress
 from goflow_gpu.errors import ConfigError, GoFlowError
 
 
@@ -112,17 +115,21 @@ def bench(
         except ValueError as exc:
             raise ConfigError(f"--faults: {exc}") from None
         others = [name for name in available_engines() if name != "openai"]
-        asyncio.run(
-            run_suite(
-                create_engine(settings),
-                bench_config,
-                out_dir=out,
-                compare=comparisons,
-                console=console,
-                engine_factory=lambda name: create_engine(settings, engine=name),
-                other_engines=others,
+        with contextlib.ExitStack() as stack:
+            if progress.wanted(console, "console"):
+                bars = stack.enter_context(progress.JobProgress(console))
+                bench_config = dataclasses.replace(bench_config, observers=(bars,))
+            asyncio.run(
+                run_suite(
+                    create_engine(settings),
+                    bench_config,
+                    out_dir=out,
+                    compare=comparisons,
+                    console=console,
+                    engine_factory=lambda name: create_engine(settings, engine=name),
+                    other_engines=others,
+                )
             )
-        )
     except ConfigError as exc:
         console.print(f"[bold red]configuration error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None

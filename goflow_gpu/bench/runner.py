@@ -27,7 +27,7 @@ from goflow_gpu.bench.figures import EventLog, compute_figures
 from goflow_gpu.bench.prefix import PrefixCounter
 from goflow_gpu.bench.wrapper import BenchEngine
 from goflow_gpu.engines.base import Engine
-from goflow_gpu.events import Event, Events
+from goflow_gpu.events import Event, Events, Observer
 from goflow_gpu.retry import STATS
 from goflow_gpu.settings import load_settings
 from goflow_gpu.simulator import Faults, FaultSpec, Simulator, parse_faults
@@ -52,6 +52,7 @@ class BenchConfig:
     min_pixels: int = 256 * 28 * 28
     max_pixels: int = 1280 * 28 * 28
     model_dir: str | None = None  # for counting the shared prefix (cached-token maximum)
+    observers: tuple[Observer, ...] = field(default=(), repr=False)  # e.g. progress bars
 
 
 @dataclass
@@ -157,7 +158,11 @@ async def run_job(
         from goflow_gpu.service import run_worker
 
         outcome = await run_worker(
-            settings, burst=True, engine=wrapped, handle_signals=False, events=Events([log])
+            settings,
+            burst=True,
+            engine=wrapped,
+            handle_signals=False,
+            events=Events([log, *config.observers]),
         )
         problems = sim.ledger.check_job(manifest)
     figures = compute_figures(log.events)
@@ -185,7 +190,7 @@ async def run_job(
     return RunResult(
         label=label,
         engine=engine.name,
-        config={k: v for k, v in config.__dict__.items()},
+        config={k: v for k, v in config.__dict__.items() if k != "observers"},
         figures=figures,
         events=log.events,
         problems=problems,
