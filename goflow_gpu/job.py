@@ -314,7 +314,9 @@ class JobRunner:
         user_prompt = row.user_prompt
         started = time.monotonic()
         totals = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
-        verdict = QAVerdict(passed=False, result=None, reasons=["not attempted"])
+        # A resumed combination whose tries were all spent before a crash keeps its last reasons.
+        last = row.reasons[-1] if row.reasons else ["no attempt was made"]
+        verdict = QAVerdict(passed=False, result=None, reasons=list(last))
         attempts_left = self.options.qa_retries + 1 - row.attempts
         raw_text = ""
         while attempts_left > 0:
