@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from goflow_gpu.client import GoFlowClient
-from goflow_gpu.engines.base import Engine, InferenceRequest, InferenceResult, Sampling
+from goflow_gpu.engines.base import Engine, InferenceRequest, Sampling
 from goflow_gpu.errors import (
     DuplicateSubmission,
     GoFlowError,
@@ -47,8 +47,7 @@ from goflow_gpu.events import Events
 from goflow_gpu.logs import bind, get_logger
 from goflow_gpu.media import FetchedImage, MediaFetcher
 from goflow_gpu.prompts import QARules, RenderedPrompt
-from goflow_gpu.prompts.geometry import smart_resize
-from goflow_gpu.prompts.qa import QAVerdict, check_output, retry_user_prompt
+from goflow_gpu.prompts.qa import QAVerdict, judge, retry_user_prompt
 from goflow_gpu.protocol import (
     Manifest,
     ProjectStatus,
@@ -353,7 +352,14 @@ class JobRunner:
             for name in totals:
                 totals[name] += getattr(result, name) or 0
             raw_text = result.text
-            verdict = self._check(result, rendered, rules, original)
+            verdict = judge(
+                result,
+                rendered,
+                rules,
+                original_size=original,
+                min_pixels=self.options.min_pixels,
+                max_pixels=self.options.max_pixels,
+            )
             self.events.emit(
                 "qa_verdict",
                 key.project_id,
@@ -387,29 +393,6 @@ class JobRunner:
             self.store.mark_ready(row.key, body, "failed", metrics=metrics)
             log.warning("analysis failed qa", slug=row.slug, reasons=verdict.reasons[:5])
         await self._report_q.put(row.key)
-
-    def _check(
-        self,
-        result: InferenceResult,
-        rendered: RenderedPrompt,
-        rules: QARules,
-        original: tuple[int, int],
-    ) -> QAVerdict:
-        if result.error:
-            return QAVerdict(passed=False, result=None, reasons=[f"engine: {result.error}"])
-        model_size = result.image_size
-        if model_size is None:
-            h, w = smart_resize(
-                original[1],
-                original[0],
-                min_pixels=self.options.min_pixels,
-                max_pixels=self.options.max_pixels,
-            )
-            model_size = (w, h)
-        verdict = check_output(
-            result.text, rendered, rules, original_size=original, model_size=model_size
-        )
-        return verdict
 
     def _body(
         self,

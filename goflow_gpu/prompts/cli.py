@@ -197,8 +197,7 @@ async def _run_once(
     from goflow_gpu.engines import create_engine
     from goflow_gpu.engines.base import InferenceRequest, Sampling
     from goflow_gpu.errors import MediaError
-    from goflow_gpu.prompts.geometry import smart_resize
-    from goflow_gpu.prompts.qa import check_output, parse_json_output
+    from goflow_gpu.prompts.qa import judge, parse_json_output
 
     with tempfile.TemporaryDirectory(prefix="goflow-try-") as tmp:
         try:
@@ -228,19 +227,13 @@ async def _run_once(
             )
         finally:
             await engine.close()
-    if result.error:
-        return result.text, False, [f"engine: {result.error}"], None
-    model_size = result.image_size
-    if model_size is None:
-        height, width = smart_resize(
-            original[1],
-            original[0],
-            min_pixels=settings.min_pixels,
-            max_pixels=settings.max_pixels,
-        )
-        model_size = (width, height)
-    verdict = check_output(
-        result.text, rendered, rules, original_size=original, model_size=model_size
+    verdict = judge(
+        result,
+        rendered,
+        rules,
+        original_size=original,
+        min_pixels=settings.min_pixels,
+        max_pixels=settings.max_pixels,
     )
     shown = verdict.result
     if shown is None:

@@ -25,7 +25,8 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError as SchemaViolation
 
-from goflow_gpu.prompts.geometry import to_original_box
+from goflow_gpu.engines.base import InferenceResult
+from goflow_gpu.prompts.geometry import smart_resize, to_original_box
 from goflow_gpu.prompts.spec import QARules, RenderedPrompt
 
 MAX_REASONS = 20
@@ -53,6 +54,32 @@ class QAVerdict:
 
 class _NotJson(ValueError):
     pass
+
+
+def judge(
+    result: InferenceResult,
+    rendered: RenderedPrompt,
+    qa: QARules,
+    *,
+    original_size: tuple[int, int],
+    min_pixels: int,
+    max_pixels: int,
+) -> QAVerdict:
+    """The verdict on one engine answer: an engine error fails it; otherwise
+    :func:`check_output` in the pixel space the model saw (the engine's report of it, or the
+    Qwen resize rule for these pixel settings).
+    """
+    if result.error:
+        return QAVerdict(passed=False, result=None, reasons=[f"engine: {result.error}"])
+    model_size = result.image_size
+    if model_size is None:
+        height, width = smart_resize(
+            original_size[1], original_size[0], min_pixels=min_pixels, max_pixels=max_pixels
+        )
+        model_size = (width, height)
+    return check_output(
+        result.text, rendered, qa, original_size=original_size, model_size=model_size
+    )
 
 
 def check_output(
