@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from goflow_gpu.client import GoFlowClient
 from goflow_gpu.engines import create_engine
@@ -18,6 +18,7 @@ from goflow_gpu.job import JobOptions
 from goflow_gpu.logs import get_logger, register_secret
 from goflow_gpu.media import MediaFetcher, MediaLimits
 from goflow_gpu.metrics import Metrics
+from goflow_gpu.retry import RetryPolicy
 from goflow_gpu.settings import Settings
 from goflow_gpu.store import Store
 from goflow_gpu.worker import Worker, WorkerResult
@@ -62,11 +63,14 @@ async def run_worker(
     handle_signals: bool = True,
     stop: asyncio.Event | None = None,
     events: Events | None = None,
+    policies: Mapping[str, RetryPolicy] | None = None,
 ) -> WorkerResult:
     """Open the state, load the engine, and process jobs (``burst``: until none is left).
 
     ``stop``, when given, is the drain switch (what SIGTERM sets): setting it stops polling and
-    new inference requests, lets in-flight work be reported, and returns.
+    new inference requests, lets in-flight work be reported, and returns. ``policies``
+    overrides the retry policy (attempts, timeouts) of some endpoints; the contract's defaults
+    (``retry.POLICIES``) are meant for production, chaos tests shorten the timeouts.
     """
     api_key = settings.require_api_key()
     register_secret(api_key.get_secret_value())
@@ -85,7 +89,10 @@ async def run_worker(
     try:
         engine = engine if engine is not None else create_engine(settings)
         async with GoFlowClient(
-            settings.base_url, api_key, on_call=api_call_hook(metrics, readiness)
+            settings.base_url,
+            api_key,
+            policies=policies or {},
+            on_call=api_call_hook(metrics, readiness),
         ) as client:
             fetcher = MediaFetcher(
                 store,
