@@ -153,6 +153,14 @@ def _map_outcome(call: _Call, outcome: _Answer | BaseException) -> Any:
             raise TransientError(
                 f"{where}: timed out", endpoint=call.route, cause="timeout"
             ) from None
+        if isinstance(outcome, aiohttp.ClientConnectorCertificateError):
+            # Not a passing fault: retrying cannot fix a certificate, and the key must never be
+            # sent to a host that could not prove who it is.
+            raise ConfigError(
+                f"{where}: the backend's TLS certificate failed verification "
+                f"({_short(str(outcome.certificate_error), 200)}); check base_url and the "
+                "machine's CA certificates"
+            ) from None
         if isinstance(outcome, (aiohttp.ClientError, OSError)):
             reason = _short(f"{type(outcome).__name__}: {outcome}", 200)
             raise TransientError(

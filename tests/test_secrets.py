@@ -43,10 +43,11 @@ from pydantic import SecretStr
 from goflow_gpu import retry
 from goflow_gpu.client import GoFlowClient
 from goflow_gpu.engines.base import InferenceRequest
-from goflow_gpu.errors import AuthenticationError, ConfigError, GoFlowError
+from goflow_gpu.errors import AuthenticationError, ConfigError
 from goflow_gpu.events import Events
 from goflow_gpu.logs import setup_logging
 from goflow_gpu.metrics import Metrics
+from goflow_gpu.retry import RetryStats
 from goflow_gpu.service import run_worker
 from goflow_gpu.settings import load_settings
 from goflow_gpu.simulator import Faults, FaultSpec, Simulator, SimulatorThread
@@ -400,9 +401,12 @@ def test_a_self_signed_certificate_is_refused_and_the_key_never_sent(tmp_path: P
         await site.start()
         url = f"https://127.0.0.1:{runner.addresses[0][1]}"
         try:
-            async with GoFlowClient(url, SecretStr(KEY)) as client:
-                with pytest.raises(GoFlowError) as caught:
+            stats = RetryStats()
+            async with GoFlowClient(url, SecretStr(KEY), stats=stats) as client:
+                # A certificate problem is permanent: a configuration error, never retried.
+                with pytest.raises(ConfigError) as caught:
                     await client.next_job()
+            assert stats.total == 0
             message = str(caught.value)
             assert "certificate verify failed" in message.lower()
             assert "self-signed" in message.lower() or "self signed" in message.lower()
