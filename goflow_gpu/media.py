@@ -257,6 +257,11 @@ class MediaFetcher:
             final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StateError(f"cannot create media cache folder {final.parent}: {exc}") from None
+        # A process killed mid-download leaves its temp file behind; this key's download is ours
+        # alone (shared in-flight, one worker per state dir), so any earlier one is stale.
+        for stale in final.parent.glob(f".{final.name}.part-*"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
 
         async def attempt(_: int) -> tuple[Path, int, str]:
             return await self._attempt(url, final)
