@@ -12,6 +12,7 @@ be skipped (its manifest failed validation), 3 the backend refused the key (rais
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,13 @@ from typing import Any
 
 from goflow_gpu.client import GoFlowClient
 from goflow_gpu.engines.base import Engine
-from goflow_gpu.errors import ManifestError, NoJobAvailable, TransientError
+from goflow_gpu.errors import (
+    ManifestError,
+    NoJobAvailable,
+    NotFoundError,
+    ProtocolError,
+    TransientError,
+)
 from goflow_gpu.events import Events
 from goflow_gpu.job import JobOptions, JobOutcome, JobRunner
 from goflow_gpu.logs import bind, get_logger
@@ -117,6 +124,8 @@ class Worker:
         """Process jobs; in burst mode return when the backend has none left."""
         result = WorkerResult()
         idle = 0
+        refused: set[str] = set()  # invalid manifests seen in this run
+        refused_again = 0
         while not self.stopping.is_set():
             resumable = self.store.unfinished_jobs()
             if resumable:
@@ -138,8 +147,10 @@ class Worker:
                 idle += 1
                 await self._interruptible_sleep(self._idle_delay(idle))
                 continue
-            except TransientError as exc:
-                log.warning("next-job failed", reason=exc.cause)
+            except (TransientError, ProtocolError) as exc:
+                # A broken answer is logged and polled again later like an outage: restarting
+                # the process (a crash loop) would not fix the backend.
+                log.warning("next-job failed", reason=getattr(exc, "cause", None) or str(exc))
                 if burst:
                     raise
                 idle += 1
@@ -148,6 +159,16 @@ class Worker:
             idle = 0
             if self._accept(raw) is None:
                 result.skipped += 1
+                fingerprint = json.dumps(raw, sort_keys=True, default=str)
+                if fingerprint in refused:
+                    # The backend hands the same broken job out again: asking at once would
+                    # only get it again. Burst mode stops; serve mode backs off like when idle.
+                    log.error("next-job returned the same invalid manifest again")
+                    if burst:
+                        break
+                    idle = refused_again = refused_again + 1
+                    await self._interruptible_sleep(self._idle_delay(idle))
+                refused.add(fingerprint)
         result.drained = self.stopping.is_set()
         return result
 
@@ -215,3 +236,15 @@ class Worker:
                 log.warning("job interrupted by backend trouble; will resume", reason=exc.cause)
             rows = self.store.counts(project_id)
             return JobOutcome(project_id, False, sum(rows.values()), 0, 0, 0.0)
+        except NotFoundError as exc:
+            # The backend no longer knows the project (status or report answered 404): the job
+            # can never complete, and resuming it first on every start would block the node.
+            with bind(project_id=project_id):
+                log.error(
+                    "job abandoned: the backend does not know this project",
+                    endpoint=exc.endpoint,
+                    detail=str(exc.detail)[:500],
+                )
+            self.store.close_job(project_id)
+            rows = self.store.counts(project_id)
+            return JobOutcome(project_id, True, sum(rows.values()), 0, 0, 0.0)
