@@ -123,6 +123,7 @@ class Simulator:
         self._queue: deque[SimJob | Any] = deque()
         self._projects: dict[str, SimJob] = {}
         self._images: dict[tuple[str, str], bytes] = {}
+        self._rejections: dict[tuple[str, str], tuple[int, str]] = {}
         self._jobs_made = 0
         self._client = {"id": new_id(self._ids), "slug": "sim-client", "name": "Simulated Client"}
         self._runner: web.AppRunner | None = None
@@ -206,6 +207,15 @@ class Simulator:
         The backend does not know raw jobs: calls about their project answer 404.
         """
         self._queue.append(_Raw(raw))
+
+    def reject_result(
+        self, media_id: str, analysis_id: str, status: int = 422, detail: str = "rejected"
+    ) -> None:
+        """Answer every valid POST of this media x analysis with ``status`` (400 or 422) and
+        ``detail``, as a backend whose stricter validation refuses that one result."""
+        if status not in (400, 422):
+            raise ValueError(f"reject_result: status must be 400 or 422, got {status}")
+        self._rejections[(media_id.lower(), analysis_id.lower())] = (status, detail)
 
     def set_faults(self, faults: Faults | None) -> None:
         """Replace the faults; the seeded draws start again from the beginning."""
@@ -362,6 +372,9 @@ class Simulator:
         problems = check_result_body(body)
         if problems:
             return _detail(422, problems)
+        forced = self._rejections.get((mid, aid))
+        if forced is not None:
+            return _detail(*forced)
         key = (job.project_id, mid, aid)
         if self.ledger.results.get(key):
             return _detail(

@@ -105,6 +105,12 @@ class SimulatorThread:
     def add_raw_job(self, raw: Any) -> None:
         self.call(self.simulator.add_raw_job, raw)
 
+    def reject_result(
+        self, media_id: str, analysis_id: str, status: int = 422, detail: str = "rejected"
+    ) -> None:
+        """See :meth:`Simulator.reject_result`."""
+        self.call(self.simulator.reject_result, media_id, analysis_id, status, detail)
+
     def set_faults(self, faults: Faults | None) -> None:
         self.call(self.simulator.set_faults, faults)
 
