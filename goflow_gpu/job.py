@@ -86,6 +86,7 @@ class JobOutcome:
     completed: int
     failed: int
     seconds: float
+    abandoned: bool = False  # the backend no longer knows the project
 
 
 class JobRunner:

@@ -5,7 +5,8 @@ burst mode: it processes jobs until next-job says there is none, then returns. U
 the local state are always resumed before a new job is taken.
 
 Exit codes (``WorkerResult.exit_code``): 0 all jobs done (or drained on a signal), 1 a job had to
-be skipped (its manifest failed validation), 3 the backend refused the key (raised as
+be skipped (its manifest failed validation) or abandoned (the backend forgot its project), or
+work was left unfinished; 3 the backend refused the key (raised as
 :class:`~goflow_gpu.errors.AuthenticationError` for the CLI to map).
 """
 
@@ -78,8 +79,13 @@ class WorkerResult:
     drained: bool = False
 
     @property
+    def abandoned(self) -> int:
+        return sum(1 for job in self.jobs if job.abandoned)
+
+    @property
     def exit_code(self) -> int:
-        return 1 if (self.skipped or (self.unfinished and not self.drained)) else 0
+        trouble = self.skipped or self.abandoned or (self.unfinished and not self.drained)
+        return 1 if trouble else 0
 
 
 class Worker:
@@ -247,4 +253,4 @@ class Worker:
                 )
             self.store.close_job(project_id)
             rows = self.store.counts(project_id)
-            return JobOutcome(project_id, True, sum(rows.values()), 0, 0, 0.0)
+            return JobOutcome(project_id, True, sum(rows.values()), 0, 0, 0.0, abandoned=True)

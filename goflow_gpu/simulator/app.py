@@ -217,6 +217,10 @@ class Simulator:
             raise ValueError(f"reject_result: status must be 400 or 422, got {status}")
         self._rejections[(media_id.lower(), analysis_id.lower())] = (status, detail)
 
+    def forget_project(self, project_id: str) -> None:
+        """From now on calls about this project answer 404, as for a project deleted upstream."""
+        self._projects.pop(project_id.lower(), None)
+
     def set_faults(self, faults: Faults | None) -> None:
         """Replace the faults; the seeded draws start again from the beginning."""
         self._plan = FaultPlan(faults)
