@@ -37,7 +37,9 @@ _HEADER_SECRET = re.compile(
     r"(?i)((?:x-api-key|authorization|api[_-]?key)['\"]?\s*[:=]\s*['\"]?)([^\s'\",}]+)"
 )
 _URL_CREDENTIALS = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)([^/@\s:]+(?::[^/@\s]*)?)@")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")
+# C0/C1 controls (newlines, ESC) and the Unicode line/paragraph separators, which some log
+# viewers also break lines on.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x80-\x9f\u2028\u2029]")
 REDACTED = "***"
 
 
@@ -58,7 +60,14 @@ def redact(text: str) -> str:
 
 def sanitize(text: str) -> str:
     """Escape control characters (newlines, terminal escapes) so a value cannot forge lines."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text).replace("\n", "\\n")
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group(0))
+    if code == 0x0A:
+        return "\\n"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def _clean(value: Any) -> Any:

@@ -97,7 +97,9 @@ async def run_worker(
             fetcher = MediaFetcher(
                 store,
                 MediaLimits(
-                    max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+                    max_bytes=settings.max_image_bytes,
+                    max_pixels=settings.max_image_pixels,
+                    timeout=settings.media_timeout,
                 ),
                 concurrency=settings.download_concurrency,
             )

@@ -107,6 +107,7 @@ class Settings(BaseSettings):
     download_concurrency: int = Field(default=8, ge=1, le=64)
     max_image_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=50_000_000, ge=1024)
+    media_timeout: float = Field(default=30.0, gt=0, description="seconds per image download")
 
     # Observability
     log_format: LogFormat = "auto"

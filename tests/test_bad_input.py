@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +29,10 @@ from aiohttp import web
 from PIL import Image
 from pydantic import SecretStr
 
-from goflow_gpu import retry, service
+from goflow_gpu import retry
 from goflow_gpu.client import GoFlowClient
 from goflow_gpu.errors import ProtocolError
 from goflow_gpu.logs import setup_logging
-from goflow_gpu.media import MediaLimits
 from goflow_gpu.service import run_worker
 from goflow_gpu.settings import Settings, load_settings
 from goflow_gpu.simulator import Faults, FaultSpec, Simulator, SimulatorThread
@@ -236,7 +234,7 @@ def test_a_huge_manifest_of_2000_media_is_handled(tmp_path: Path) -> None:
     run(go())
 
 
-HOSTILE = "Evil\nFAKE-LINE level=error\r\x1b[2J\x1b]0;owned\x07\x00\x9b31m\x7fend"
+HOSTILE = "Evil\nFAKE-LINE level=error\r\x1b[2J\x1b]0;owned\x07\x00\x9b31m\x7f\u2028end"
 
 
 @pytest.mark.parametrize("fmt", ["json", "console"])
@@ -260,7 +258,7 @@ def test_names_with_newlines_and_terminal_escapes_are_logged_safely(
 
     edited = run(go())
     text = stream.getvalue()
-    for raw_char in ("\r", "\x1b", "\x07", "\x00", "\x9b", "\x7f"):
+    for raw_char in ("\r", "\x1b", "\x07", "\x00", "\x9b", "\x7f", "\u2028"):
         assert raw_char not in text, f"raw {raw_char!r} reached the log"
     lines = text.splitlines()
     assert not any(line.startswith("FAKE-LINE") for line in lines)
@@ -278,10 +276,8 @@ def test_names_with_newlines_and_terminal_escapes_are_logged_safely(
 
 
 def test_bad_media_fail_their_combinations_with_the_reason_and_the_rest_completes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    # A 1 s download timeout instead of 30 s, so the slow image times out quickly.
-    monkeypatch.setattr(service, "MediaLimits", partial(MediaLimits, timeout=1.0))
     local = tmp_path / "local.jpg"
     Image.new("RGB", (64, 64), "red").save(local)
     state = tmp_path / "state"
@@ -306,7 +302,7 @@ def test_bad_media_fail_their_combinations_with_the_reason_and_the_rest_complete
                     "http://", "ftp://"
                 )
             await serve_instead(sim, edited)
-            result = await work(sim, state)
+            result = await work(sim, state, media_timeout=1.0)
             assert result.exit_code == 0
             assert sim.ledger.check_job(manifest) == []
             project = manifest["project"]["id"]
