@@ -115,7 +115,6 @@ class JobRunner:
         job = store.job(project_id)
         if job is None:
             raise StateError(f"job {project_id} is not in the state store")
-        self.job = job
         self.manifest: Manifest = parse_manifest(job.manifest)
         self._media = {m.id: m for m in self.manifest.media}
         self._processing_lock = asyncio.Lock()
@@ -123,7 +122,6 @@ class JobRunner:
             maxsize=max(2, 2 * options.inference_slots)
         )
         self._report_q: asyncio.Queue[ComboKey | None] = asyncio.Queue()
-        self._in_report = 0
         self._fatal: BaseException | None = None
 
     # -- status -------------------------------------------------------------------------------
