@@ -11,7 +11,8 @@ Kinds (``data`` keys in brackets):
 ``inference_finished`` [attempt, prompt_tokens, cached_tokens, generated_tokens, error],
 ``qa_verdict`` [passed, attempt, final], ``post_started``, ``post_finished`` [http_status,
 result_status, outcome: accepted|duplicate|rejected|retry], ``status_sent`` [status],
-``report_sent``, ``job_finished`` [closed, completed, failed].
+``report_sent``, ``job_finished`` [closed, completed, failed], ``queues`` [inference, report:
+their depths, sampled every second while a job runs].
 """
 
 from __future__ import annotations

@@ -179,12 +179,14 @@ class JobRunner:
                 for i in range(self.options.report_concurrency)
             ]
             feeder = asyncio.create_task(self._feeder(), name="feeder")
+            sampler = asyncio.create_task(self._sample_queues(), name="queue-sampler")
             try:
                 await self._supervise(feeder, slots, posters)
             finally:
-                for task in [feeder, *slots, *posters]:
+                for task in [feeder, *slots, *posters, sampler]:
                     task.cancel()
-                await asyncio.gather(feeder, *slots, *posters, return_exceptions=True)
+                await asyncio.gather(feeder, *slots, *posters, sampler, return_exceptions=True)
+                self._emit_queue_depths()
             if self._fatal is not None:
                 raise self._fatal
             return await self._finish(started)
@@ -219,6 +221,21 @@ class JobRunner:
                     return
             every = [t for t in every if not t.done()]
         await drainer
+
+    def _emit_queue_depths(self) -> None:
+        self.events.emit(
+            "queues",
+            self.project_id,
+            inference=self._infer_q.qsize(),
+            report=self._report_q.qsize(),
+        )
+
+    async def _sample_queues(self, every: float = 1.0) -> None:
+        """Queue depths for metrics: a growing report queue means the backend is the
+        bottleneck, a growing inference queue the engine."""
+        while True:
+            self._emit_queue_depths()
+            await asyncio.sleep(every)
 
     async def _feeder(self) -> None:
         pending = self.store.combos(self.project_id, states=("pending",))

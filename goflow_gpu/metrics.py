@@ -34,7 +34,7 @@ Metric names (all prefixed ``goflow_``)::
     inference_errors_total                      finished inferences that carried an error
     tokens_total{kind=prompt|cached|generated}
     media_total{source=downloaded|cache|error}  media_ready events
-    queue_depth{queue}                          set by the runner
+    queue_depth{queue}                          inference / report queues (``queues`` events)
     last_job_completed_timestamp_seconds        unix time of the last closed job
 
 The combination outcome is taken from the ``result_status`` key of ``post_finished`` when the
@@ -300,6 +300,10 @@ class Metrics:
     def _report_sent(self, event: Event) -> None:
         self.reports_sent.inc()
 
+    def _queues(self, event: Event) -> None:
+        for name, depth in event.data.items():
+            self.set_queue_depth(name, int(depth))
+
     def _forget(self, project_id: str, *, inflight_only: bool) -> None:
         for key in [k for k in self._inflight if k[0][0] == project_id]:
             del self._inflight[key]
@@ -319,6 +323,7 @@ class Metrics:
         "post_finished": _post_finished,
         "status_sent": _status_sent,
         "report_sent": _report_sent,
+        "queues": _queues,
     }
 
 

@@ -72,6 +72,8 @@ def test_metrics_and_health_answer_during_a_run(
         "goflow_tokens_total",
         "goflow_retries_total",
         "goflow_media_total",
+        'goflow_queue_depth{queue="inference"}',
+        'goflow_queue_depth{queue="report"}',
     ):
         assert name in text, name
     posts = [
