@@ -56,11 +56,10 @@ from goflow_gpu.protocol import (
     parse_manifest,
 )
 from goflow_gpu.reporting import build_report
-from goflow_gpu.store import ComboKey, ComboRow, Store
+from goflow_gpu.store import TERMINAL_STATES, ComboKey, ComboRow, Store
 
 log = get_logger(__name__)
 
-TERMINAL = ("reported", "rejected")
 _DONE = None  # queue sentinel
 
 
@@ -74,6 +73,7 @@ class JobOptions:
     min_pixels: int = 256 * 28 * 28
     max_pixels: int = 1280 * 28 * 28
     repost_pause: float = 5.0
+    max_post_rounds: int = 4  # rounds of the client's retries before a POST is given up
 
 
 @dataclass
@@ -165,7 +165,7 @@ class JobRunner:
                 combinations=self.manifest.combinations,
                 media=len(self.manifest.media),
                 analyses=len(self.manifest.analyses),
-                reported=sum(counts.get(state, 0) for state in TERMINAL),
+                reported=sum(counts.get(state, 0) for state in TERMINAL_STATES),
             )
             # Work left over from an earlier run: verdicts not yet (surely) reported.
             for row in self.store.combos(self.project_id, states=("ready", "posting")):
@@ -368,14 +368,22 @@ class JobRunner:
             for name in totals:
                 totals[name] += getattr(result, name) or 0
             raw_text = result.text
-            verdict = judge(
-                result,
-                rendered,
-                rules,
-                original_size=original,
-                min_pixels=self.options.min_pixels,
-                max_pixels=self.options.max_pixels,
-            )
+            try:
+                verdict = judge(
+                    result,
+                    rendered,
+                    rules,
+                    original_size=original,
+                    min_pixels=self.options.min_pixels,
+                    max_pixels=self.options.max_pixels,
+                )
+            except Exception as exc:  # one odd answer must not stop the job
+                # Deterministic decoding would give the same answer after a restart: a crash
+                # here would repeat forever. The answer fails QA with the reason instead.
+                log.exception("qa could not check an answer", slug=row.slug)
+                verdict = QAVerdict(
+                    passed=False, result=None, reasons=[f"qa error: {type(exc).__name__}"]
+                )
             self.events.emit(
                 "qa_verdict",
                 key.project_id,
@@ -445,12 +453,12 @@ class JobRunner:
         self._check_ids(key)
         await self._ensure_status("processing")
         row = self.store.combo(key)
-        if row.state in TERMINAL:
+        if row.state in TERMINAL_STATES:
             return
         unknown_before = row.state == "posting"  # a crash or lost answer after the intent
         self.store.mark_posting(key)
-        ids = (key.project_id, key.media_id, key.analysis_id)
-        self.events.emit("post_started", *ids)
+        rounds = row.post_attempts + 1  # this call's round, counted across restarts
+        self.events.emit("post_started", *_ids(key))
         assert row.body is not None
         body = ResultBody.model_validate(row.body)
         try:
@@ -461,66 +469,55 @@ class JobRunner:
             if unknown_before or exc.prior_attempt_unknown:
                 self.store.mark_reported(key, 400, "duplicate after unknown outcome: accepted")
                 log.info("result already accepted earlier", slug=row.slug)
-                self.events.emit(
-                    "post_finished",
-                    *ids,
-                    result_status=row.result_status,
-                    http_status=400,
-                    outcome="duplicate",
-                )
+                self._posted(row, 400, "duplicate")
             else:
                 self.store.mark_rejected(key, 400, _detail(exc))
                 log.error("result refused as duplicate", slug=row.slug, detail=_detail(exc))
-                self.events.emit(
-                    "post_finished",
-                    *ids,
-                    result_status=row.result_status,
-                    http_status=400,
-                    outcome="rejected",
-                )
+                self._posted(row, 400, "rejected")
             return
         except (UnprocessableError, InvalidRequestError, NotFoundError) as exc:
-            self.store.mark_rejected(key, exc.status or 0, _detail(exc))
+            # exc.status is None when the client refused to send (an unencodable body).
+            self.store.mark_rejected(key, exc.status, _detail(exc))
             log.error("result refused", slug=row.slug, status=exc.status, detail=_detail(exc))
-            self.events.emit(
-                "post_finished",
-                *ids,
-                result_status=row.result_status,
-                http_status=exc.status,
-                outcome="rejected",
-            )
+            self._posted(row, exc.status, "rejected")
             return
         except TransientError as exc:
-            # The client's retries are spent and the outcome is unknown: try again after a
-            # pause, until the backend accepts or refuses it. When draining, leave it for the
-            # next start (it stays ``posting``, so a duplicate-400 then counts as accepted).
+            if rounds >= self.options.max_post_rounds:
+                # Every retry of every round failed in transit: a visible failure (contract:
+                # "individual failures are acceptable but must be visible"), so the job can end.
+                detail = f"gave up after {rounds} rounds of retries: {exc.cause}: {exc}"
+                self.store.mark_rejected(key, exc.status, detail[:1000])
+                log.error("result post failed for good", slug=row.slug, rounds=rounds)
+                self._posted(row, exc.status, "rejected")
+                return
+            # The client's retries are spent and the outcome is unknown: another round after a
+            # pause. When draining, leave it for the next start (it stays ``posting``, so a
+            # duplicate-400 then counts as accepted).
             log.warning(
                 "result post failed, will retry",
                 slug=row.slug,
                 reason=exc.cause,
+                round=rounds,
                 pause=self.options.repost_pause,
                 draining=self.stopping.is_set(),
             )
-            self.events.emit(
-                "post_finished",
-                *ids,
-                result_status=row.result_status,
-                http_status=exc.status,
-                outcome="retry",
-            )
+            self._posted(row, exc.status, "retry")
             if not self.stopping.is_set():
                 await asyncio.sleep(self.options.repost_pause)
                 self._report_q.put_nowait(key)
             return
         self.store.mark_reported(key, code)
+        self._posted(row, code, "accepted")
+        log.info("result reported", slug=row.slug, status=row.result_status, http_status=code)
+
+    def _posted(self, row: ComboRow, http_status: int | None, outcome: str) -> None:
         self.events.emit(
             "post_finished",
-            *ids,
+            *_ids(row.key),
             result_status=row.result_status,
-            http_status=code,
-            outcome="accepted",
+            http_status=http_status,
+            outcome=outcome,
         )
-        log.info("result reported", slug=row.slug, status=row.result_status, http_status=code)
 
     def _check_ids(self, key: ComboKey) -> None:
         """Refuse a call whose ids are not a combination of this job's manifest (a bug)."""
@@ -537,7 +534,7 @@ class JobRunner:
     async def _finish(self, started: float) -> JobOutcome:
         rows = self.store.combos(self.project_id)
         completed = sum(1 for r in rows if r.state == "reported" and r.result_status == "completed")
-        left = [r for r in rows if r.state not in TERMINAL]
+        left = [r for r in rows if r.state not in TERMINAL_STATES]
         seconds = time.monotonic() - started
         if left:
             log.info("job paused", left=len(left))
@@ -573,6 +570,10 @@ class JobRunner:
             "job_finished", self.project_id, closed=True, completed=completed, failed=failed
         )
         return JobOutcome(self.project_id, True, len(rows), completed, failed, seconds)
+
+
+def _ids(key: ComboKey) -> tuple[str, str, str]:
+    return key.project_id, key.media_id, key.analysis_id
 
 
 def _detail(exc: GoFlowError) -> str:

@@ -34,6 +34,8 @@ def job_options(settings: Settings, engine: Engine) -> JobOptions:
         report_concurrency=settings.report_concurrency,
         min_pixels=settings.min_pixels,
         max_pixels=settings.max_pixels,
+        repost_pause=settings.repost_pause,
+        max_post_rounds=settings.max_post_rounds,
     )
 
 

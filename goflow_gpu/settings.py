@@ -104,6 +104,12 @@ class Settings(BaseSettings):
     poll_interval_min: float = Field(default=2.0, gt=0)
     poll_interval_max: float = Field(default=60.0, gt=0)
     report_concurrency: int = Field(default=8, ge=1, le=64)
+    repost_pause: float = Field(
+        default=5.0, ge=0, description="pause before another round of a result POST's retries"
+    )
+    max_post_rounds: int = Field(
+        default=4, ge=1, description="rounds of retries before a result POST is given up"
+    )
     download_concurrency: int = Field(default=8, ge=1, le=64)
     max_image_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=50_000_000, ge=1024)

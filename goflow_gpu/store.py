@@ -645,9 +645,14 @@ class Store:
             "mark_reported", key, {"http_status": http_status, "server_detail": detail}
         )
 
-    def mark_rejected(self, key: ComboKey, http_status: int, detail: str) -> None:
-        """``posting -> rejected``: a visible failure with the server's detail; never retried."""
-        _check_http_status(key, http_status)
+    def mark_rejected(self, key: ComboKey, http_status: int | None, detail: str) -> None:
+        """``posting -> rejected``: a visible failure with the server's detail; never retried.
+
+        ``http_status`` is ``None`` when no answer decided it: the call was refused before
+        sending (e.g. a body that cannot be encoded) or every retry round failed in transit.
+        """
+        if http_status is not None:
+            _check_http_status(key, http_status)
         self._transition(
             "mark_rejected", key, {"http_status": http_status, "server_detail": detail}
         )

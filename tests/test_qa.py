@@ -519,3 +519,12 @@ def test_retry_prompt_caps_long_reason_lists():
     assert "- field9: bad" in text
     assert "field10" not in text
     assert "and 5 more" in text
+
+
+def test_degenerate_nesting_and_huge_numbers_fail_qa_with_a_reason() -> None:
+    from goflow_gpu.prompts.qa import parse_json_output
+
+    with pytest.raises(ValueError, match="nested too deeply"):
+        parse_json_output('{"a": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(ValueError, match="too large"):
+        parse_json_output('{"a": [1, {"b": 1e400}]}')

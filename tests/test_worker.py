@@ -299,3 +299,67 @@ def test_a_project_the_backend_forgot_is_abandoned_and_the_next_job_runs(tmp_pat
             assert store.unfinished_jobs() == []
 
     run(go)
+
+
+def test_a_result_the_backend_never_takes_is_given_up_visibly_and_the_job_ends(
+    tmp_path: Path,
+) -> None:
+    faults = Faults(seed=1, routes={"result": FaultSpec(rate_503=1.0)})
+
+    async def go() -> None:
+        async with Simulator(api_key=KEY, seed=14, faults=faults) as sim:
+            manifest = sim.add_job(media=1, analyses=2)
+            project = manifest["project"]["id"]
+            settings = settings_for(sim, tmp_path, repost_pause=0.01, max_post_rounds=2)
+            result = await run_worker(
+                settings, burst=True, engine=ScriptedEngine(), handle_signals=False
+            )
+            assert result.exit_code == 0
+            assert accepted(sim, project) == {}
+            assert sim.ledger.statuses[project] == ["processing", "completed"]
+            (report,) = sim.ledger.reports[project]
+            failures = report["report"]["details"]["failures"]
+            assert len(failures) == 2
+            assert all("gave up after 2 rounds" in f["server_detail"] for f in failures)
+            posts = [c for c in sim.ledger.calls if c["route"] == "result"]
+            assert len(posts) == 2 * 2 * (1 + 3)  # combinations x rounds x (1 + 3 retries)
+
+    run(go)
+
+
+def test_an_answer_qa_cannot_check_fails_that_combination_not_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from goflow_gpu import job as job_module
+    from goflow_gpu.prompts.qa import judge as real_judge
+
+    def fragile_judge(result: Any, *args: Any, **kwargs: Any) -> Any:
+        if result.text == "boom":
+            raise RecursionError("maximum recursion depth exceeded")
+        return real_judge(result, *args, **kwargs)
+
+    monkeypatch.setattr(job_module, "judge", fragile_judge)
+    calls = 0
+
+    def script(request: InferenceRequest) -> str | None:
+        nonlocal calls
+        calls += 1
+        return "boom" if calls == 1 else None
+
+    async def go() -> None:
+        async with Simulator(api_key=KEY, seed=15) as sim:
+            manifest = sim.add_job(media=1, analyses=2)
+            result = await run_worker(
+                settings_for(sim, tmp_path, qa_retries=0),
+                burst=True,
+                engine=ScriptedEngine(script=script, slots=1),
+                handle_signals=False,
+            )
+            assert result.exit_code == 0
+            assert sim.ledger.check_job(manifest) == []
+            bodies = [v[0] for v in accepted(sim, manifest["project"]["id"]).values()]
+            assert sorted(b["status"] for b in bodies) == ["completed", "failed"]
+            failed = next(b for b in bodies if b["status"] == "failed")
+            assert failed["analysisResult"]["reasons"] == ["qa error: RecursionError"]
+
+    run(go)

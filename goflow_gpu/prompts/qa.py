@@ -147,9 +147,28 @@ def parse_json_output(text: str) -> dict[str, Any]:
         ) from None
     except ValueError as exc:
         raise _NotJson(f"the answer is not valid JSON: {exc}") from None
+    except RecursionError:
+        # A degenerate answer ("[[[[..."): Python's parser gives up; so do we, politely.
+        raise _NotJson("the answer is nested too deeply; answer with a flat JSON object") from None
     if not isinstance(data, dict):
         raise _NotJson(f"the answer must be a JSON object, got {_json_type(data)}")
+    if not _all_finite(data):
+        # 1e400 parses to inf, which no JSON body can carry to the backend.
+        raise _NotJson("the answer holds a number too large to represent; use normal numbers")
     return data
+
+
+def _all_finite(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 def _strict_loads(text: str) -> Any:
