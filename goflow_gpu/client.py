@@ -34,6 +34,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -140,6 +141,9 @@ def _short(text: str, limit: int = _DETAIL_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_DUPLICATE_WORDS = re.compile(r"(?i)\b(duplicate|already (submitted|exists|recorded|reported))")
+
+
 def _map_outcome(call: _Call, outcome: _Answer | BaseException) -> Any:
     """Return the payload of a successful answer, or raise the matching :class:`ApiError`.
 
@@ -204,7 +208,9 @@ def _map_outcome(call: _Call, outcome: _Answer | BaseException) -> Any:
     if status == 404:
         raise (NoJobAvailable if call.endpoint == "next-job" else NotFoundError)(message, **kwargs)
     if status == 400:
-        duplicate = "duplicate" in full_text.lower()
+        # The contract says "400 bad request OR duplicate submission" without fixing the wording;
+        # accept the usual ways of saying it.
+        duplicate = _DUPLICATE_WORDS.search(full_text) is not None
         raise (DuplicateSubmission if duplicate else InvalidRequestError)(message, **kwargs)
     if status == 422:
         raise UnprocessableError(message, **kwargs)

@@ -51,6 +51,7 @@ from goflow_gpu.prompts.qa import QAVerdict, judge, retry_user_prompt
 from goflow_gpu.protocol import (
     Manifest,
     ProjectStatus,
+    ReportBody,
     ResultBody,
     ResultStatus,
     parse_manifest,
@@ -547,16 +548,23 @@ class JobRunner:
         job = self.store.job(self.project_id)
         assert job is not None
         if job.report != "sent":
-            wall = time.time() - job.created_at
-            report = build_report(
-                self.manifest, rows, wall_seconds=wall, model=self.engine.model_label
-            )
-            self.store.mark_report(self.project_id, "intent", report.wire())
+            if job.report == "intent" and job.report_body:
+                # Resend exactly what an interrupted run built; a rebuilt one would count the
+                # downtime in processing_time_minutes.
+                report = ReportBody.model_validate(job.report_body)
+            else:
+                wall = time.time() - job.created_at
+                report = build_report(
+                    self.manifest, rows, wall_seconds=wall, model=self.engine.model_label
+                )
+                self.store.mark_report(self.project_id, "intent", report.wire())
             await self.client.put_report(self.project_id, report)
             self.store.mark_report(self.project_id, "sent")
             log.info("report sent", summary=report.report.summary)
             self.events.emit("report_sent", self.project_id)
         self.store.close_job(self.project_id)
+        # The job is done: its cached images only take disk space from now on.
+        await asyncio.to_thread(self.fetcher.forget, self.project_id)
         failed = len(rows) - completed
         log.info(
             "job completed",

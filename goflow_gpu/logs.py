@@ -34,7 +34,8 @@ _CONTEXT: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
 )
 _SECRETS: set[str] = set()
 _HEADER_SECRET = re.compile(
-    r"(?i)((?:x-api-key|authorization|api[_-]?key)['\"]?\s*[:=]\s*['\"]?)([^\s'\",}]+)"
+    r"(?i)((?:x-api-key|authorization|api[_-]?key)['\"]?\s*[:=]\s*['\"]?"
+    r"(?:(?:bearer|basic|token)\s+)?)([^\s'\",}]+)"
 )
 _URL_CREDENTIALS = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)([^/@\s:]+(?::[^/@\s]*)?)@")
 # C0/C1 controls (newlines, ESC) and the Unicode line/paragraph separators, which some log

@@ -38,6 +38,7 @@ import dataclasses
 import hashlib
 import os
 import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,18 @@ class MediaFetcher:
             del self._inflight[key]
         if not task.cancelled():
             task.exception()  # retrieved here: a caller that gave up may never await it
+
+    def forget(self, project_id: str) -> None:
+        """Delete a closed job's cached images. Blocking file work: call it off the event loop.
+
+        A closed job is never resumed, so its cache only takes disk space; a worker that runs
+        for weeks would otherwise fill its disk with every job's images.
+        """
+        folder = self._store.state_dir / "media" / project_id
+        if folder.parent != self._store.state_dir / "media" or not folder.is_dir():
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("cached images of the closed job removed", project_id=project_id)
 
     async def close(self) -> None:
         """Cancel downloads still running and close the session this fetcher created."""

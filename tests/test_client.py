@@ -844,3 +844,51 @@ def test_api_calls_and_retries_are_logged_with_ids_status_and_duration(
     assert ok[:2] == (logging.INFO, "api call")
     assert (ok[2]["status"], ok[2]["attempt"]) == (201, 2)
     assert ok[2]["duration_ms"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("detail", "duplicate"),
+    [
+        ("duplicate submission: already have it", True),
+        ("Result already exists for this media and analysis", True),
+        ("analysis already submitted", True),
+        ("analysisResult: field required", False),
+    ],
+)
+def test_duplicate_wordings_are_recognised(detail: str, duplicate: bool) -> None:
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"detail": detail}, status=400)
+
+    async def go() -> type[BaseException]:
+        app = web.Application()
+        app.router.add_post("/api/v1/agent/projects/{p}/media/{m}/analysis/{a}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with GoFlowClient(f"http://127.0.0.1:{port}", SecretStr("made-up-dup-key")) as c:
+                try:
+                    await c.post_result(
+                        "3fa85f64-5717-4562-b3fc-2c963f66afa7",
+                        "3fa85f64-5717-4562-b3fc-2c963f66afa8",
+                        "3fa85f64-5717-4562-b3fc-2c963f66afaa",
+                        ResultBody(
+                            model_used="m",
+                            user_prompt_used="u",
+                            system_prompt_used="s",
+                            status="completed",
+                            analysis_result={},
+                        ),
+                    )
+                except InvalidRequestError as exc:
+                    return type(exc)
+        finally:
+            await runner.cleanup()
+        raise AssertionError("no error raised")
+
+    kind = asyncio.run(go())
+    assert (kind is DuplicateSubmission) == duplicate

@@ -21,6 +21,7 @@ def test_redact_removes_registered_secret_headers_and_url_credentials() -> None:
     assert "other-token" not in text
     assert "user:pw" not in text
     assert "https://***@example.com/x" in text
+    assert redact("Authorization: Bearer sk-live-123456") == "Authorization: Bearer ***"
 
 
 def test_sanitize_escapes_everything_that_could_forge_a_line() -> None:

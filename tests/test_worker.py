@@ -81,6 +81,7 @@ def test_full_job_reported_exactly_once(tmp_path: Path, media: int, analyses: in
             assert body["modelUsed"] == "scripted-test-engine"
             assert body["systemPromptUsed"] and body["userPromptUsed"]
             assert "processing_time_seconds" in body["analysisResult"]
+        assert not (tmp_path / "media" / project).exists()  # a closed job's images are removed
         with Store.open(tmp_path) as store:
             job = store.job(project)
             assert job is not None and job.state == "closed"

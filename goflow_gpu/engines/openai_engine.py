@@ -53,7 +53,7 @@ from PIL import Image
 from goflow_gpu.engines.base import Engine, InferenceRequest, InferenceResult
 from goflow_gpu.engines.images import load_image
 from goflow_gpu.errors import ConfigError, EngineError, MediaError, TransientError
-from goflow_gpu.logs import get_logger
+from goflow_gpu.logs import get_logger, register_secret
 from goflow_gpu.prompts.geometry import smart_resize
 from goflow_gpu.retry import RetryPolicy, call_with_retry, parse_retry_after
 
@@ -96,6 +96,7 @@ class OpenAIEngine(Engine):
         self.model = model
         self.model_label = model_label
         self._api_key = api_key or None
+        register_secret(self._api_key)  # redacted from every log line, like the GoFlow key
         self.max_in_flight = max_in_flight
         self.request_timeout = request_timeout
         self.connect_timeout = connect_timeout
