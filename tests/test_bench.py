@@ -17,8 +17,14 @@ from typer.testing import CliRunner
 
 from goflow_gpu.bench.cli import register
 from goflow_gpu.bench.figures import compute_figures, percentile, union_length
-from goflow_gpu.bench.layout import job_requests
-from goflow_gpu.bench.prefix import image_tokens
+from goflow_gpu.bench.layout import (
+    LAYOUT_MAX_TOKENS,
+    LAYOUT_MIN_LONG_SIDE,
+    compare_layout,
+    engine_block_size,
+    job_requests,
+)
+from goflow_gpu.bench.prefix import ideal_cached, image_tokens
 from goflow_gpu.bench.runner import BenchConfig
 from goflow_gpu.bench.suite import run_suite
 from goflow_gpu.bench.wrapper import BenchEngine
@@ -141,6 +147,69 @@ def test_image_tokens_follow_the_28px_grid() -> None:
     assert image_tokens(448, 448, 56 * 56, 448 * 448) == 256
     # 1024 x 512 over a 256-token budget: scaled down to at most 256 cells.
     assert image_tokens(1024, 512, 56 * 56, 256 * 28 * 28) <= 256
+
+
+def test_ideal_cache_counts_whole_blocks_of_the_longest_earlier_prefix() -> None:
+    prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 9], [1, 2, 3, 4, 5]]
+    # Per token: 0; then 1 2 3 shared with the first (3); then all 5 but the last token (4).
+    assert ideal_cached(prompts, 1) == 0 + 3 + 4
+    # Blocks of 2: the second shares block (1, 2) but not (3, 9): 2. The third shares (1, 2) and
+    # (3, 4) = 4 tokens, within its first 4 (its last token is always computed): 4.
+    assert ideal_cached(prompts, 2) == 0 + 2 + 4
+    # Blocks of 4: only the third matches a whole block, (1, 2, 3, 4), and 4 <= 5 - 1.
+    assert ideal_cached(prompts, 4) == 4
+    # A block is never served when it would include the prompt's last token.
+    assert ideal_cached([[7, 8], [7, 8]], 2) == 0
+    assert ideal_cached([[7, 8], [7, 8]], 1) == 1
+
+
+def test_ideal_cache_starts_from_the_primed_prompts_and_keys_images_by_identity() -> None:
+    system = [10, 11]
+    a = [*system, ("a.jpg", 0), ("a.jpg", 1), 20]
+    b = [*system, ("b.jpg", 0), ("b.jpg", 1), 20]
+    # b shares only the system tokens with a: a different image breaks the prefix.
+    assert ideal_cached([a, b], 1) == 2
+    # With the system turn primed, a's first two tokens are hits too.
+    assert ideal_cached([a, b], 1, primed=[system]) == 2 + 2
+    assert ideal_cached([a, b, a], 2, primed=[system]) == 2 + 2 + 4
+    with pytest.raises(ValueError, match="block_size"):
+        ideal_cached([a], 0)
+
+
+def test_block_size_is_read_from_a_started_vllm_engine_only() -> None:
+    class Config:
+        block_size = 128
+
+    class VllmConfig:
+        cache_config = Config()
+
+    class Llm:
+        vllm_config = VllmConfig()
+
+    engine = ScriptedEngine()
+    assert engine_block_size(engine) is None
+    engine._llm = Llm()  # type: ignore[attr-defined]
+    assert engine_block_size(engine) == 128
+
+
+def test_layout_comparison_uses_large_images_and_short_answers(tmp_path: Path) -> None:
+    engine = ScriptedEngine()
+    result = asyncio.run(
+        compare_layout(
+            engine, media=2, analyses=3, seed=5, image_long_side=(448, 640),
+            workdir=tmp_path, max_tokens=64, counter=None,
+        )
+    )  # fmt: skip
+    measured = [r for r in engine.history if not r.request_id.startswith("warm-up:")]
+    assert len(measured) == 2 * 6
+    assert all(r.sampling.max_tokens <= LAYOUT_MAX_TOKENS for r in measured)
+    for request in measured:
+        with Image.open(request.image_path) as image:
+            assert max(image.size) >= LAYOUT_MIN_LONG_SIDE
+    assert result["method"]["image_long_side"] == [896, 896]
+    assert result["method"]["max_tokens"] == 16
+    assert result["layouts"]["shared"]["errors"] == 0
+    assert "images 896-896 px" in result["checks"][0]["what"]
 
 
 def test_wrapper_rewrites_for_the_naive_layout_and_caps_tokens(tmp_path: Path) -> None:
