@@ -13,6 +13,7 @@ work was left unfinished; 3 the backend refused the key (raised as
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import random
 from collections.abc import Awaitable, Callable
@@ -130,7 +131,7 @@ class Worker:
         """Process jobs; in burst mode return when the backend has none left."""
         result = WorkerResult()
         idle = 0
-        refused: set[str] = set()  # invalid manifests seen in this run
+        refused: set[bytes] = set()  # digests of the invalid manifests seen in this run
         refused_again = 0
         while not self.stopping.is_set():
             resumable = self.store.unfinished_jobs()
@@ -163,18 +164,20 @@ class Worker:
                 await self._interruptible_sleep(self._idle_delay(idle))
                 continue
             idle = 0
-            if self._accept(raw) is None:
-                result.skipped += 1
-                fingerprint = json.dumps(raw, sort_keys=True, default=str)
-                if fingerprint in refused:
-                    # The backend hands the same broken job out again: asking at once would
-                    # only get it again. Burst mode stops; serve mode backs off like when idle.
-                    log.error("next-job returned the same invalid manifest again")
-                    if burst:
-                        break
-                    idle = refused_again = refused_again + 1
-                    await self._interruptible_sleep(self._idle_delay(idle))
-                refused.add(fingerprint)
+            verdict = self._accept(raw)
+            if verdict == "accepted":
+                continue  # the loop resumes it as the oldest unfinished job
+            result.skipped += 1
+            digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).digest()
+            if verdict == "closed" or digest in refused:
+                # The backend hands out the same job again (an invalid one, or one this worker
+                # already closed): asking at once would only get it again. Burst mode stops;
+                # serve mode backs off like when idle.
+                if burst:
+                    break
+                idle = refused_again = refused_again + 1
+                await self._interruptible_sleep(self._idle_delay(idle))
+            refused.add(digest)
         result.drained = self.stopping.is_set()
         return result
 
@@ -192,8 +195,9 @@ class Worker:
             stop.cancel()
             nap.cancel()
 
-    def _accept(self, raw: Any) -> str | None:
-        """Validate and persist a new job; None when its manifest had to be skipped."""
+    def _accept(self, raw: Any) -> str:
+        """Validate and persist a new job: ``accepted``, ``invalid`` (manifest skipped and kept
+        for inspection) or ``closed`` (this worker already finished that job)."""
         try:
             manifest = parse_manifest(raw)
         except ManifestError as exc:
@@ -202,7 +206,7 @@ class Worker:
                 "job skipped: manifest invalid",
                 problems=[f"{loc}: {msg} (got {val!r:.80})" for loc, val, msg in exc.problems],
             )
-            return None
+            return "invalid"
         with bind(project_id=manifest.project.id):
             log.info(
                 "job retrieved",
@@ -214,15 +218,22 @@ class Worker:
                 media_ids=[m.id for m in manifest.media],
                 analysis_ids=[a.id for a in manifest.analyses],
             )
-            if self.store.job(manifest.project.id) is not None:
-                # The backend handed out a job we already hold; our state is the truth.
+            known = self.store.job(manifest.project.id)
+            if known is not None and known.state == "closed":
+                log.error(
+                    "job skipped: this worker already closed it; not running it twice",
+                    report=known.report,
+                )
+                return "closed"
+            if known is not None:
+                # An open job we already hold; our state is the truth and the loop resumes it.
                 log.warning("job already known locally: resuming it")
-                return manifest.project.id
+                return "accepted"
             catalog = load_catalog(self.prompts_dir)  # reloaded between jobs, never inside one
             combos = plan_job(manifest, catalog)
             self.store.create_job(raw, combos)
             log.info("job persisted", combinations=len(combos))
-        return manifest.project.id
+        return "accepted"
 
     async def _run_job(self, project_id: str) -> JobOutcome:
         runner = JobRunner(
@@ -240,6 +251,7 @@ class Worker:
         except TransientError as exc:
             with bind(project_id=project_id):
                 log.warning("job interrupted by backend trouble; will resume", reason=exc.cause)
+            self._run_ended(project_id)
             rows = self.store.counts(project_id)
             return JobOutcome(project_id, False, sum(rows.values()), 0, 0, 0.0)
         except NotFoundError as exc:
@@ -252,5 +264,14 @@ class Worker:
                     detail=str(exc.detail)[:500],
                 )
             self.store.close_job(project_id)
+            self._run_ended(project_id, closed=True)
             rows = self.store.counts(project_id)
             return JobOutcome(project_id, True, sum(rows.values()), 0, 0, 0.0, abandoned=True)
+        except BaseException:
+            self._run_ended(project_id)
+            raise
+
+    def _run_ended(self, project_id: str, *, closed: bool = False) -> None:
+        """The runner ends a job's events only when it finishes normally; observers (metrics)
+        must learn that an interrupted or abandoned run is over too."""
+        self.events.emit("job_finished", project_id, closed=closed, completed=0, failed=0)

@@ -364,3 +364,33 @@ def test_an_answer_qa_cannot_check_fails_that_combination_not_the_job(
             assert failed["analysisResult"]["reasons"] == ["qa error: RecursionError"]
 
     run(go)
+
+
+def test_a_job_offered_again_after_it_was_closed_is_not_run_twice(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with Simulator(api_key=KEY, seed=16) as sim:
+            manifest = sim.add_job(media=1, analyses=2)
+            project = manifest["project"]["id"]
+            first = await run_worker(
+                settings_for(sim, tmp_path),
+                burst=True,
+                engine=ScriptedEngine(),
+                handle_signals=False,
+            )
+            assert first.exit_code == 0
+            calls_before = len(sim.ledger.calls)
+            sim.add_raw_job(manifest)  # the backend hands out the finished job again
+            again = await run_worker(
+                settings_for(sim, tmp_path),
+                burst=True,
+                engine=ScriptedEngine(),
+                handle_signals=False,
+            )
+            assert again.skipped == 1
+            assert again.exit_code == 1
+            new_calls = sim.ledger.calls[calls_before:]
+            assert [c["route"] for c in new_calls] == ["next-job"]  # nothing sent for it
+            assert sim.ledger.check_job(manifest) == []
+            assert sim.ledger.statuses[project] == ["processing", "completed"]
+
+    run(go)
