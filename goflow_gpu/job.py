@@ -75,6 +75,7 @@ class JobOptions:
     max_pixels: int = 1280 * 28 * 28
     repost_pause: float = 5.0
     max_post_rounds: int = 4  # rounds of the client's retries before a POST is given up
+    keep_media: bool = False  # keep a closed job's cached images
 
 
 @dataclass
@@ -563,8 +564,9 @@ class JobRunner:
             log.info("report sent", summary=report.report.summary)
             self.events.emit("report_sent", self.project_id)
         self.store.close_job(self.project_id)
-        # The job is done: its cached images only take disk space from now on.
-        await asyncio.to_thread(self.fetcher.forget, self.project_id)
+        if not self.options.keep_media:
+            # The job is done: its cached images only take disk space from now on.
+            await asyncio.to_thread(self.fetcher.forget, self.project_id)
         failed = len(rows) - completed
         log.info(
             "job completed",

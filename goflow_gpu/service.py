@@ -35,6 +35,7 @@ def job_options(settings: Settings, engine: Engine) -> JobOptions:
         min_pixels=settings.min_pixels,
         max_pixels=settings.max_pixels,
         repost_pause=settings.repost_pause,
+        keep_media=settings.keep_media,
         max_post_rounds=settings.max_post_rounds,
     )
 

@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=50_000_000, ge=1024)
     media_timeout: float = Field(default=30.0, gt=0, description="seconds per image download")
+    keep_media: bool = Field(
+        default=False, description="keep a closed job's cached images (debugging, benchmarks)"
+    )
 
     # Observability
     log_format: LogFormat = "auto"

@@ -294,3 +294,27 @@ def test_cli_refuses_an_unknown_comparison() -> None:
     result = CliRunner().invoke(app, ["bench", "--compare", "speed", "--out", "unused"])
     assert result.exit_code == 2
     assert "unknown comparison speed" in result.output
+
+
+def test_cached_maximum_is_counted_with_the_models_tokenizer(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """The shared-prefix maximum needs the job's images after the job closed (keep_media)."""
+
+    class CachingEngine(ScriptedEngine):
+        reports_cached_tokens = True
+
+    console = Console(record=True, width=200)
+    result = asyncio.run(
+        run_suite(
+            CachingEngine(delay=0.0),
+            BenchConfig(media=2, analyses=3, seed=5, model_dir=str(tiny_model_dir)),
+            out_dir=tmp_path / "out",
+            compare=[],
+            console=console,
+        )
+    )
+    figures = result.runs[0].figures
+    assert figures["ledger_problems"] == 0
+    # 2 images x (3 - 1) analyses that could reuse each image's shared prefix: positive.
+    assert figures["cached_tokens_max"] > 0

@@ -51,6 +51,14 @@ def bench(
         int | None, typer.Option(min=1, help="Concurrent result POSTs (default: settings).")
     ] = None,
     qa_retries: Annotated[int | None, typer.Option(min=0, help="QA retries per result.")] = None,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(
+            min=28 * 28,
+            help="Visual-token budget per image in pixels (one token per 28x28); the layout "
+            "comparison wants the image to dominate the prompt, e.g. 802816 (1024 tokens).",
+        ),
+    ] = None,
     max_tokens: Annotated[
         int | None,
         typer.Option(min=1, help="Cap every request's token budget (random weights ramble)."),
@@ -96,6 +104,8 @@ def bench(
         )  # fmt: skip
         if qa_retries is not None:
             settings = settings.model_copy(update={"qa_retries": qa_retries})
+        if max_pixels is not None:
+            settings = settings.model_copy(update={"max_pixels": max_pixels})
         setup_logging("console", os.environ.get("GOFLOW_LOG_LEVEL", "WARNING"))
         bench_config = BenchConfig(
             media=media,

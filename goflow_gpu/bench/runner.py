@@ -151,6 +151,7 @@ async def run_job(
             report_concurrency=config.report_concurrency,
             min_pixels=config.min_pixels,
             max_pixels=config.max_pixels,
+            keep_media=True,  # the cached-token maximum is counted from the images afterwards
         ).model_copy(update={"api_key": SecretStr(key)})
         wrapped = BenchEngine(
             engine, max_tokens=config.max_tokens, naive=config.naive_layout, slug_of=slugs
