@@ -323,3 +323,22 @@ def test_close_aborts_in_flight_frees_the_engine_and_a_new_one_starts(
             return await second.infer(_request("second", images["small.jpg"]))
 
     assert running.run(use_second()).error is None
+
+
+def test_every_shipped_schema_is_accepted_by_vllms_structured_decoding() -> None:
+    """vLLM refuses some JSON-schema features for xgrammar per request; a shipped spec using
+    one would fail every request of its analysis on the GPU."""
+    from vllm.v1.structured_output.backend_xgrammar import (
+        has_xgrammar_unsupported_json_features,
+    )
+
+    from goflow_gpu.prompts import load_catalog
+
+    catalog = load_catalog()
+    refused = [
+        slug
+        for slug, spec in catalog.specs.items()
+        if has_xgrammar_unsupported_json_features(spec.json_schema)
+    ]
+    assert refused == []
+    assert len(catalog.specs) >= 25

@@ -111,7 +111,11 @@ def test_shipped_spec_is_tight(slug):
     for node in _subschemas(spec.json_schema):
         kind = node.get("type")
         if kind == "string" and "enum" not in node:
-            assert 1 <= node["maxLength"] <= 300, node
+            if "pattern" in node:
+                # xgrammar refuses a pattern with length bounds: the anchored pattern bounds it
+                assert node["pattern"].startswith("^") and node["pattern"].endswith("$"), node
+            else:
+                assert 1 <= node["maxLength"] <= 300, node
         if kind == "array":
             assert node["maxItems"] <= 10, node
         if kind in ("number", "integer"):
@@ -270,6 +274,17 @@ def test_negative_max_length_is_an_invalid_schema(tmp_path):
     directory = write_catalog(tmp_path, {"neg.yaml": text})
     (problem,) = problems_of(directory)
     assert problem.startswith(f"{directory / 'neg.yaml'}:11: json_schema: invalid JSON schema")
+
+
+def test_pattern_with_length_bounds_is_refused_as_vllm_would(tmp_path):
+    text = GOOD_SPEC.format(slug="hexa").replace(
+        "label: {type: string, maxLength: 20}",
+        'label: {type: string, pattern: "^#[0-9a-f]{6}$", maxLength: 7}',
+    )
+    directory = write_catalog(tmp_path, {"hexa.yaml": text})
+    (problem,) = problems_of(directory)
+    assert problem.startswith(f"{directory / 'hexa.yaml'}:")
+    assert "not supported by vLLM's structured decoding (xgrammar)" in problem
 
 
 def test_unquoted_yaml_boolean_in_enum_is_caught(tmp_path):

@@ -39,6 +39,18 @@ def schema_errors(schema: dict[str, Any]) -> list[tuple[PathKey, str]]:
         problems.append((("type",), "the top level of the schema must be 'type: object'"))
     for path, node in walk_schemas(schema):
         declared = node.get("type")
+        if ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
+            # vLLM refuses such a schema for xgrammar (its structured-decoding backend): every
+            # request of the analysis would fail on the GPU. An anchored pattern bounds the
+            # length by itself.
+            problems.append(
+                (
+                    path,
+                    f"{_describe(path)}: pattern/format together with minLength/maxLength is not "
+                    "supported by vLLM's structured decoding (xgrammar); bound the length in "
+                    "the pattern instead, e.g. ^#[0-9a-f]{6}$",
+                )
+            )
         if "enum" in node and isinstance(declared, str) and declared in _JSON_TYPES:
             for index, value in enumerate(node["enum"]):
                 if not _has_type(value, declared):
@@ -60,7 +72,7 @@ def schema_warnings(schema: dict[str, Any]) -> list[tuple[PathKey, str]]:
         if "enum" in node or "const" in node:
             continue
         where = _describe(path)
-        if kind == "string" and "maxLength" not in node:
+        if kind == "string" and "maxLength" not in node and "pattern" not in node:
             warnings.append((path, f"{where}: string without maxLength"))
         elif kind == "array" and "maxItems" not in node:
             warnings.append((path, f"{where}: array without maxItems"))
