@@ -122,10 +122,9 @@ def _work(burst: bool, config: Path | None, **flags: Any) -> None:
             if progress.wanted(err, settings.log_format):
                 events.subscribe(stack.enter_context(progress.JobProgress(err)))
             result = asyncio.run(run_worker(settings, burst=burst, events=events))
-    jobs = len(result.jobs)
-    closed = sum(1 for j in result.jobs if j.closed)
     err.print(
-        f"{'drained' if result.drained else 'done'}: {closed}/{jobs} job runs closed, "
+        f"{'drained' if result.drained else 'done'}: "
+        f"{result.closed}/{result.job_runs} job runs closed, "
         f"{result.skipped} skipped, {result.unfinished} unfinished",
         highlight=False,
     )

@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import json
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,18 +71,29 @@ def plan_job(manifest: Manifest, catalog: Catalog) -> list[PlannedCombo]:
     return combos
 
 
+#: Job outcomes a :class:`WorkerResult` keeps: ``serve`` runs for weeks, one job after another,
+#: so it keeps the latest ones and counts every run instead of holding one outcome per job.
+RECENT_JOBS = 100
+
+
 @dataclass
 class WorkerResult:
-    """What one ``run``/``serve`` did."""
+    """What one ``run``/``serve`` did: counts of every job run, and the latest outcomes."""
 
-    jobs: list[JobOutcome] = field(default_factory=list)
+    jobs: deque[JobOutcome] = field(default_factory=lambda: deque(maxlen=RECENT_JOBS))
+    job_runs: int = 0
+    closed: int = 0
+    abandoned: int = 0
     skipped: int = 0
     unfinished: int = 0
     drained: bool = False
 
-    @property
-    def abandoned(self) -> int:
-        return sum(1 for job in self.jobs if job.abandoned)
+    def add(self, outcome: JobOutcome) -> None:
+        """Count one job run and keep its outcome among the latest :data:`RECENT_JOBS`."""
+        self.jobs.append(outcome)
+        self.job_runs += 1
+        self.closed += outcome.closed
+        self.abandoned += outcome.abandoned
 
     @property
     def exit_code(self) -> int:
@@ -137,7 +149,7 @@ class Worker:
             resumable = self.store.unfinished_jobs()
             if resumable:
                 outcome = await self._run_job(resumable[0])
-                result.jobs.append(outcome)
+                result.add(outcome)
                 if not outcome.closed and not self.stopping.is_set():
                     if burst:
                         # Backend trouble outlasted every retry: leave it for the next start.
