@@ -272,9 +272,12 @@ class MediaFetcher:
             raise StateError(f"cannot create media cache folder {final.parent}: {exc}") from None
         # A process killed mid-download leaves its temp file behind; this key's download is ours
         # alone (shared in-flight, one worker per state dir), so any earlier one is stale.
-        for stale in final.parent.glob(f".{final.name}.part-*"):
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
+        # A prefix match, not glob(): a per-image glob pattern would fill Python's regex cache.
+        prefix = f".{final.name}.part-"
+        for stale in final.parent.iterdir():
+            if stale.name.startswith(prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
 
         async def attempt(_: int) -> tuple[Path, int, str]:
             return await self._attempt(url, final)
