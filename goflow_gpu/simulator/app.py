@@ -340,7 +340,10 @@ class Simulator:
         self.ledger.record_job(item.project_id)
         return web.json_response(item.manifest)
 
-    async def _status(self, request: web.Request) -> web.Response:
+    async def _project_put(
+        self, request: web.Request, check: Callable[[Any], list[Any]]
+    ) -> tuple[SimJob, Any] | web.Response:
+        """The project of a status/report PUT and its checked body, or the error answer."""
         pid = request.match_info["project"]
         problems = check_path_uuids({"projectId": pid})
         if problems:
@@ -351,9 +354,16 @@ class Simulator:
         body, error = await _json_body(request)
         if error is not None:
             return error
-        problems = check_status_body(body)
+        problems = check(body)
         if problems:
             return _detail(422, problems)
+        return job, body
+
+    async def _status(self, request: web.Request) -> web.Response:
+        checked = await self._project_put(request, check_status_body)
+        if isinstance(checked, web.Response):
+            return checked
+        job, body = checked
         request[_EVENT] = self.ledger.record_status(job.project_id, body["status"])
         return web.json_response({"status": body["status"]})
 
@@ -390,19 +400,10 @@ class Simulator:
         return web.json_response({"id": new_id(self._receipts), "status": "created"}, status=201)
 
     async def _report(self, request: web.Request) -> web.Response:
-        pid = request.match_info["project"]
-        problems = check_path_uuids({"projectId": pid})
-        if problems:
-            return _detail(422, problems)
-        job = self._project(pid)
-        if job is None:
-            return _detail(404, f"project {pid} not found")
-        body, error = await _json_body(request)
-        if error is not None:
-            return error
-        problems = check_report_body(body)
-        if problems:
-            return _detail(422, problems)
+        checked = await self._project_put(request, check_report_body)
+        if isinstance(checked, web.Response):
+            return checked
+        job, body = checked
         request[_EVENT] = self.ledger.record_report(job.project_id, body)
         return web.json_response({"id": new_id(self._receipts), "status": "created"}, status=201)
 
