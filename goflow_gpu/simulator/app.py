@@ -1,13 +1,34 @@
 """The simulator: a strict GoFlow backend on aiohttp.web, with a job queue, images and faults.
 
-Every API call goes through one wrapper that, in order: checks ``X-API-Key`` (401), adds the
-configured latency, draws this call's fault for its route, applies the faults that happen before
-the backend decides (429, 500, 503, reset, slow), runs the handler, and for accept-then-drop cuts
-the connection after the handler has recorded its decision in the ledger. Each call is recorded in
-``ledger.calls`` with the fault it got.
+Every call on a route (``next-job``, ``status``, ``result``, ``report``, ``media``) goes through
+one wrapper that, in order: checks ``X-API-Key`` (401; not on media), adds the configured latency,
+answers an open outage window of the route, draws this call's random fault for its route, applies
+the faults that happen before the backend decides (429, 500, 503, reset, slow), runs the handler,
+replaces an accepted answer by a fixed one (``accept=True``), and for accept-then-drop cuts the
+connection after the handler has recorded its decision in the ledger. Each call is recorded in
+``ledger.calls`` with the fault it got (``None`` when none).
 
 Handlers check, in order: path UUIDs (422), that the project / media / analysis exist and belong
-together (404), that the body is JSON (400), the body's fields (422), then duplicates (400).
+together (404), that the body is JSON (400), the body's fields (422), then answer a matching fixed
+answer, then duplicates (400, wording set by ``duplicate_detail``); only then do they record.
+
+Every kind of fault, with its ``ledger.calls`` fault label:
+
+- random, per call, seeded (:mod:`~goflow_gpu.simulator.faults`, ``faults=``/``set_faults``):
+  ``429`` (with Retry-After), ``500``, ``503``, ``reset`` (connection cut, nothing recorded),
+  ``slow`` (answers after ``slow_seconds``), ``drop`` (recorded, then the connection is cut),
+  and ``latency`` on every call;
+- outage windows (:meth:`Simulator.add_outage`, label ``outage``): a route answers one error
+  status, with or without Retry-After, for a while, once it has accepted N calls; outage calls
+  do not consume a random-fault draw;
+- fixed answers (:meth:`Simulator.fix_answer`, :meth:`Simulator.reject_result`, label
+  ``fixed``): one route or one media x analysis answers a chosen error, a number of times or
+  forever, either instead of recording or after recording (``accept``: "stored, then 409");
+- media faults (``add_job(media_faults=...)``, label = the fault, see ``MEDIA_FAULTS``);
+- backend quirks: ``duplicate_detail`` (the duplicate-400 wording), ``upper_ids`` (manifests
+  with upper-case ids; the ledger stays lower-case), :meth:`Simulator.reoffer` and
+  ``reoffer_closed`` (a finished job handed out again), :meth:`Simulator.forget_project` (404s),
+  :meth:`Simulator.revoke_key` (401s), :meth:`Simulator.add_raw_job` (bad manifests).
 """
 
 from __future__ import annotations
@@ -16,10 +37,12 @@ import asyncio
 import copy
 import hmac
 import ipaddress
+import math
 import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, replace
 from email.utils import formatdate
 from types import TracebackType
 from typing import Any
@@ -27,9 +50,23 @@ from typing import Any
 from aiohttp import web
 
 from goflow_gpu.simulator import images
-from goflow_gpu.simulator.faults import FaultKind, FaultPlan, Faults, FaultSpec, parse_faults
+from goflow_gpu.simulator.faults import (
+    ROUTES,
+    FaultKind,
+    FaultPlan,
+    Faults,
+    FaultSpec,
+    parse_faults,
+)
 from goflow_gpu.simulator.jobs import SimJob, build_job, new_id
 from goflow_gpu.simulator.ledger import Ledger
+from goflow_gpu.simulator.scripted import (
+    FixedAnswer,
+    Outage,
+    parse_answer,
+    parse_outage,
+    status_phrase,
+)
 from goflow_gpu.simulator.validation import (
     Problem,
     check_path_uuids,
@@ -46,6 +83,8 @@ API = "/api/v1/agent"
 _EVENT: web.RequestKey[dict[str, Any]] = web.RequestKey("goflow_sim_event")
 # A media item's fault, shown in ledger.calls instead of the (absent) route fault.
 _NOTE: web.RequestKey[str] = web.RequestKey("goflow_sim_note", str)
+# The index of a matching ``accept`` fixed answer, applied if the handler accepts the call.
+_ACCEPT_FIX: web.RequestKey[int] = web.RequestKey("goflow_sim_accept_fix", int)
 _CHUNK = bytes(1024 * 1024)
 
 
@@ -89,8 +128,13 @@ class Simulator:
 
     ``seed`` makes ids and images reproducible; ``faults`` (drawn with ``faults.seed``) injects
     failures per route; ``latency`` seconds are added to every call; pictures have their long
-    side within ``image_long_side``. Use as ``async with Simulator(key) as sim:`` or
-    :meth:`start` / :meth:`stop`; from sync code, wrap it in a ``SimulatorThread``.
+    side within ``image_long_side``. ``duplicate_detail`` is the ``detail`` of the 400 for a
+    result submitted twice (default: a sentence with "duplicate submission" and the ids);
+    ``upper_ids`` serves manifests with upper-case client/project/media/analysis ids;
+    ``reoffer_closed`` hands each job out once more right after its report was accepted.
+    Outage windows and fixed answers are added with :meth:`add_outage` and :meth:`fix_answer`.
+    Use as ``async with Simulator(key) as sim:`` or :meth:`start` / :meth:`stop`; from sync
+    code, wrap it in a ``SimulatorThread``.
     """
 
     def __init__(
@@ -101,6 +145,9 @@ class Simulator:
         faults: Faults | None = None,
         latency: float = 0.0,
         image_long_side: tuple[int, int] = (480, 1024),
+        duplicate_detail: str | None = None,
+        upper_ids: bool = False,
+        reoffer_closed: bool = False,
     ) -> None:
         if not api_key:
             raise ValueError("the simulator needs a non-empty API key to check callers against")
@@ -120,10 +167,16 @@ class Simulator:
         self.latency = latency
         self.image_long_side = image_long_side
         self.ledger = Ledger()
-        self._queue: deque[SimJob | Any] = deque()
+        self.duplicate_detail = duplicate_detail
+        self.upper_ids = upper_ids
+        self.reoffer_closed = reoffer_closed
+        self._queue: deque[_Offer | _Raw] = deque()
         self._projects: dict[str, SimJob] = {}
         self._images: dict[tuple[str, str], bytes] = {}
-        self._rejections: dict[tuple[str, str], tuple[int, str]] = {}
+        self._outages: list[Outage] = []
+        self._answers: list[FixedAnswer] = []
+        self._accepted: dict[str, int] = dict.fromkeys(ROUTES, 0)
+        self._reoffered: set[str] = set()
         self._jobs_made = 0
         self._client = {"id": new_id(self._ids), "slug": "sim-client", "name": "Simulated Client"}
         self._runner: web.AppRunner | None = None
@@ -184,7 +237,8 @@ class Simulator:
 
         ``analyses`` takes the first N of ``ANALYSIS_TYPES`` (repeating with ``-2`` suffixes past
         25) unless ``slugs`` names them. ``media_faults`` maps a media index to one of
-        ``MEDIA_FAULTS``; it applies to both variants of that item.
+        ``MEDIA_FAULTS``; it applies to both variants of that item. With ``upper_ids`` the
+        manifest's ids are upper case (the media URLs keep the lower-case ones).
         """
         self._jobs_made += 1
         job = build_job(
@@ -198,8 +252,8 @@ class Simulator:
             media_faults=media_faults,
         )
         self._projects[job.project_id] = job
-        self._queue.append(job)
-        return _copy(job.manifest)
+        self._queue.append(_Offer(job, self.upper_ids))
+        return _served(job, upper=self.upper_ids)
 
     def add_raw_job(self, raw: Any) -> None:
         """Queue any JSON value as the next next-job body (for bad-manifest tests).
@@ -212,10 +266,94 @@ class Simulator:
         self, media_id: str, analysis_id: str, status: int = 422, detail: str = "rejected"
     ) -> None:
         """Answer every valid POST of this media x analysis with ``status`` (400 or 422) and
-        ``detail``, as a backend whose stricter validation refuses that one result."""
+        ``detail``, as a backend whose stricter validation refuses that one result.
+
+        A shortcut for ``fix_answer("result", status, detail, media_id=..., analysis_id=...)``.
+        """
         if status not in (400, 422):
             raise ValueError(f"reject_result: status must be 400 or 422, got {status}")
-        self._rejections[(media_id.lower(), analysis_id.lower())] = (status, detail)
+        self.fix_answer("result", status, detail, media_id=media_id, analysis_id=analysis_id)
+
+    def add_outage(
+        self,
+        route: str,
+        seconds: float,
+        *,
+        after: int = 0,
+        status: int = 503,
+        retry_after: str | None = None,
+    ) -> None:
+        """Take ``route`` down for ``seconds`` once it has accepted ``after`` calls.
+
+        The window opens at the first call on the route that arrives once ``after`` calls were
+        accepted there (for ``result``: results recorded in the ledger, any project; for the
+        other routes: 2xx answers of the route's handler; ``after=0``: the first call), while no
+        other window of the route is open (windows of one route never overlap; each opens
+        once). For ``seconds`` of ``time.monotonic()`` time from then, every call on the route
+        (after the key check; any project for ``media``) answers ``status`` with
+        ``{"detail": "... (simulated outage)"}``, and with ``Retry-After`` only when
+        ``retry_after`` is given: whole seconds such as ``"2"``, or ``"date"`` for the HTTP-date
+        at which the window closes. See :attr:`outages` for when windows opened and close.
+        """
+        self._outages.append(
+            Outage(route, seconds, after=after, status=status, retry_after=retry_after)
+        )
+
+    @property
+    def outages(self) -> tuple[Outage, ...]:
+        """Every outage window in the order added, as read-only snapshots (``opened_at`` and
+        ``closes_at`` are ``time.monotonic()`` values, ``None`` until the window opens)."""
+        return tuple(self._outages)
+
+    def fix_answer(
+        self,
+        route: str,
+        status: int,
+        detail: str | None = None,
+        *,
+        media_id: str | None = None,
+        analysis_id: str | None = None,
+        times: int | None = None,
+        accept: bool = False,
+    ) -> None:
+        """Answer matching calls on ``route`` with ``status`` (400-599) and ``{"detail": ...}``.
+
+        ``detail`` defaults to the status's phrase with "(simulated fixed answer)". For
+        ``result``, ``media_id`` / ``analysis_id`` narrow it to calls about that media /
+        analysis (``media_id`` also works on ``media``); ids match case-insensitively. ``times``
+        limits how many calls get it (``None``: all). It answers after the key check and the
+        request's own validation (path UUIDs, 404s, JSON, fields: a malformed request still
+        gets its real error) and before the backend records anything. With ``accept=True`` the
+        call is handled normally instead (recorded in the ledger, as a backend that stored it)
+        and an accepted (2xx) answer is replaced by the fixed one, e.g. "409 already exists";
+        a call that was not accepted keeps its real answer and does not use up ``times``.
+        When several fixed answers match a call, the one added last (and not used up) wins.
+        """
+        self._answers.append(
+            FixedAnswer(
+                route,
+                status,
+                detail,
+                media_id=media_id,
+                analysis_id=analysis_id,
+                times=times,
+                accept=accept,
+            )
+        )
+
+    @property
+    def answers(self) -> tuple[FixedAnswer, ...]:
+        """Every fixed answer in the order added (read-only; ``used`` counts answers given)."""
+        return tuple(self._answers)
+
+    def reoffer(self, project_id: str, *, upper: bool = False) -> None:
+        """Queue the manifest of this known job again, as the very next next-job answer (a
+        backend handing out a finished job again); ``upper`` serves it with upper-case ids.
+        Calls about it keep working: it is the same project."""
+        job = self._project(project_id)
+        if job is None:
+            raise ValueError(f"reoffer: project {project_id} is not a job of this simulator")
+        self._queue.appendleft(_Offer(job, upper))
 
     def forget_project(self, project_id: str) -> None:
         """From now on calls about this project answer 404, as for a project deleted upstream."""
@@ -234,7 +372,7 @@ class Simulator:
         self._revoked = False
 
     def check_job(self, manifest: dict[str, Any]) -> list[str]:
-        """Shortcut for ``self.ledger.check_job(manifest)``."""
+        """Shortcut for ``self.ledger.check_job(manifest)`` (ids of any case)."""
         return self.ledger.check_job(manifest)
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -256,6 +394,10 @@ class Simulator:
         app.router.add_post("/_sim/jobs", self._admin_jobs)
         app.router.add_post("/_sim/faults", self._admin_faults)
         app.router.add_post("/_sim/revoke-key", self._admin_revoke)
+        app.router.add_get("/_sim/outages", self._admin_outages)
+        app.router.add_post("/_sim/outages", self._admin_add_outage)
+        app.router.add_post("/_sim/answers", self._admin_add_answer)
+        app.router.add_post("/_sim/reoffer", self._admin_reoffer)
         return app
 
     def _key_ok(self, request: web.Request) -> bool:
@@ -267,6 +409,7 @@ class Simulator:
             started = time.time()
             fault: FaultKind | None = None
             status: int | None = None
+            label: str | None = None
             try:
                 if needs_key and not self._key_ok(request):
                     status = 401
@@ -277,6 +420,10 @@ class Simulator:
                 spec = self._plan.spec(route)
                 if self.latency + spec.latency:
                     await asyncio.sleep(self.latency + spec.latency)
+                outage = self._outage_answer(route)
+                if outage is not None:
+                    status, label = outage.status, "outage"
+                    return outage
                 fault = self._plan.draw(route)
                 early = await self._early_fault(request, fault, spec)
                 if early is not None:
@@ -287,6 +434,9 @@ class Simulator:
                     return _abort(request)
                 response = await handler(request)
                 status = response.status
+                accepted = 200 <= response.status < 300
+                if accepted:
+                    self._accepted[route] += 1
                 event = request.get(_EVENT)
                 if fault == "drop":
                     if event is not None:
@@ -294,11 +444,15 @@ class Simulator:
                     return _abort(request)
                 if event is not None and _client_gone(request):
                     event["delivered"] = False
+                fix = request.get(_ACCEPT_FIX)
+                if accepted and fix is not None and not self._answers[fix].exhausted:
+                    response = self._use_answer(request, fix)
+                    status = response.status
                 return response
             finally:
                 note = request.get(_NOTE)
                 self.ledger.record_call(
-                    route, request.method, request.path_qs, status, note or fault, started
+                    route, request.method, request.path_qs, status, label or note or fault, started
                 )
 
         return wrapped
@@ -326,9 +480,69 @@ class Simulator:
     def _project(self, project_id: str) -> SimJob | None:
         return self._projects.get(project_id.lower())
 
+    def _outage_answer(self, route: str) -> web.Response | None:
+        """The answer of the route's open outage window (opening a due one), or ``None``."""
+        now = time.monotonic()
+        mine = [i for i, o in enumerate(self._outages) if o.route == route]
+        current = next((i for i in mine if self._outages[i].is_open(now)), None)
+        if current is None:
+            current = next(
+                (
+                    i
+                    for i in mine
+                    if self._outages[i].opened_at is None
+                    and self._accepted[route] >= self._outages[i].after
+                ),
+                None,
+            )
+            if current is None:
+                return None
+            self._outages[current] = replace(self._outages[current], opened_at=now)
+        outage = self._outages[current]
+        self._outages[current] = outage = replace(outage, answered=outage.answered + 1)
+        headers: dict[str, str] = {}
+        if outage.retry_after == "date":
+            wall_close = time.time() + outage.seconds - (now - (outage.opened_at or now))
+            headers["Retry-After"] = formatdate(
+                max(math.ceil(wall_close), int(time.time()) + 1), usegmt=True
+            )
+        elif outage.retry_after is not None:
+            headers["Retry-After"] = outage.retry_after
+        return _detail(
+            outage.status, f"{status_phrase(outage.status)} (simulated outage)", **headers
+        )
+
+    def _fixed_answer(
+        self,
+        request: web.Request,
+        route: str,
+        media_id: str | None = None,
+        analysis_id: str | None = None,
+    ) -> web.Response | None:
+        """A handler's hook after validation: the matching fixed answer, if it answers now.
+
+        An ``accept`` one is only noted here; the wrapper applies it if the call is accepted.
+        """
+        for index in range(len(self._answers) - 1, -1, -1):
+            if self._answers[index].matches(route, media_id, analysis_id):
+                if self._answers[index].accept:
+                    request[_ACCEPT_FIX] = index
+                    return None
+                return self._use_answer(request, index)
+        return None
+
+    def _use_answer(self, request: web.Request, index: int) -> web.Response:
+        answer = self._answers[index]
+        self._answers[index] = replace(answer, used=answer.used + 1)
+        request[_NOTE] = "fixed"
+        return _detail(answer.status, answer.text)
+
     # -- API handlers ------------------------------------------------------------------------
 
     async def _next_job(self, request: web.Request) -> web.Response:
+        fixed = self._fixed_answer(request, "next-job")
+        if fixed is not None:
+            return fixed
         if not self._queue:
             return _detail(404, "no job available")
         item = self._queue.popleft()
@@ -337,11 +551,11 @@ class Simulator:
             pid = project.get("id") if isinstance(project, dict) else None
             self.ledger.record_job(str(pid) if pid is not None else "")
             return web.json_response(item.raw)
-        self.ledger.record_job(item.project_id)
-        return web.json_response(item.manifest)
+        self.ledger.record_job(item.job.project_id)
+        return web.json_response(_served(item.job, upper=item.upper))
 
     async def _project_put(
-        self, request: web.Request, check: Callable[[Any], list[Any]]
+        self, request: web.Request, route: str, check: Callable[[Any], list[Any]]
     ) -> tuple[SimJob, Any] | web.Response:
         """The project of a status/report PUT and its checked body, or the error answer."""
         pid = request.match_info["project"]
@@ -357,10 +571,13 @@ class Simulator:
         problems = check(body)
         if problems:
             return _detail(422, problems)
+        fixed = self._fixed_answer(request, route)
+        if fixed is not None:
+            return fixed
         return job, body
 
     async def _status(self, request: web.Request) -> web.Response:
-        checked = await self._project_put(request, check_status_body)
+        checked = await self._project_put(request, "status", check_status_body)
         if isinstance(checked, web.Response):
             return checked
         job, body = checked
@@ -386,25 +603,29 @@ class Simulator:
         problems = check_result_body(body)
         if problems:
             return _detail(422, problems)
-        forced = self._rejections.get((mid, aid))
-        if forced is not None:
-            return _detail(*forced)
+        fixed = self._fixed_answer(request, "result", mid, aid)
+        if fixed is not None:
+            return fixed
         key = (job.project_id, mid, aid)
         if self.ledger.results.get(key):
             return _detail(
                 400,
-                f"duplicate submission: media {mid} x analysis {aid} of project "
+                self.duplicate_detail
+                or f"duplicate submission: media {mid} x analysis {aid} of project "
                 f"{job.project_id} was already submitted",
             )
         request[_EVENT] = self.ledger.record_result(*key, body)
         return web.json_response({"id": new_id(self._receipts), "status": "created"}, status=201)
 
     async def _report(self, request: web.Request) -> web.Response:
-        checked = await self._project_put(request, check_report_body)
+        checked = await self._project_put(request, "report", check_report_body)
         if isinstance(checked, web.Response):
             return checked
         job, body = checked
         request[_EVENT] = self.ledger.record_report(job.project_id, body)
+        if self.reoffer_closed and job.project_id not in self._reoffered:
+            self._reoffered.add(job.project_id)
+            self._queue.appendleft(_Offer(job, self.upper_ids))
         return web.json_response({"id": new_id(self._receipts), "status": "created"}, status=201)
 
     # -- media -------------------------------------------------------------------------------
@@ -412,6 +633,7 @@ class Simulator:
     async def _media(self, request: web.Request) -> web.StreamResponse:
         pid, mid, file = (request.match_info[k] for k in ("project", "media", "file"))
         variant = file.removesuffix(".jpg")
+        mid = mid.lower()
         job = self._project(pid)
         if (
             job is None
@@ -420,6 +642,9 @@ class Simulator:
             or (not file.endswith(".jpg"))
         ):
             return _detail(404, f"no such media: {request.path}")
+        fixed = self._fixed_answer(request, "media", mid)
+        if fixed is not None:
+            return fixed
         fault = job.media_faults.get(mid)
         if fault is not None:
             request[_NOTE] = fault
@@ -530,12 +755,65 @@ class Simulator:
         self.revoke_key()
         return web.json_response({"status": "revoked"})
 
+    def _outages_json(self) -> web.Response:
+        return web.json_response([{**asdict(o), "closes_at": o.closes_at} for o in self._outages])
+
+    async def _admin_outages(self, request: web.Request) -> web.Response:
+        return self._outages_json()
+
+    async def _admin_add_outage(self, request: web.Request) -> web.Response:
+        """``{"spec": "result:2:after=10:retry-after=1"}`` (the ``--outage`` syntax)."""
+        body, error = await _json_body(request)
+        if error is not None:
+            return error
+        if not isinstance(body, dict) or not isinstance(body.get("spec"), str):
+            return _detail(422, 'body must be {"spec": "ROUTE:SECONDS[:after=N]..."}')
+        try:
+            self._outages.append(parse_outage(body["spec"]))
+        except ValueError as exc:
+            return _detail(422, str(exc))
+        return self._outages_json()
+
+    async def _admin_add_answer(self, request: web.Request) -> web.Response:
+        """``{"spec": "result:409:accept:detail=already exists"}`` (the ``--answer`` syntax)."""
+        body, error = await _json_body(request)
+        if error is not None:
+            return error
+        if not isinstance(body, dict) or not isinstance(body.get("spec"), str):
+            return _detail(422, 'body must be {"spec": "ROUTE:STATUS[:times=N]..."}')
+        try:
+            self._answers.append(parse_answer(body["spec"]))
+        except ValueError as exc:
+            return _detail(422, str(exc))
+        return web.json_response([asdict(a) for a in self._answers])
+
+    async def _admin_reoffer(self, request: web.Request) -> web.Response:
+        """``{"project": "<id>", "upper": false}``: see :meth:`reoffer`."""
+        body, error = await _json_body(request)
+        if error is not None:
+            return error
+        if not isinstance(body, dict) or not isinstance(body.get("project"), str):
+            return _detail(422, 'body must be {"project": "<project id>", "upper": false}')
+        try:
+            self.reoffer(body["project"], upper=bool(body.get("upper", False)))
+        except ValueError as exc:
+            return _detail(404, str(exc))
+        return web.json_response({"status": "queued"})
+
 
 class _Raw:
     """A queued raw next-job body (kept apart from generated jobs)."""
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw
+
+
+@dataclass(frozen=True)
+class _Offer:
+    """A queued known job, served with upper-case ids when ``upper``."""
+
+    job: SimJob
+    upper: bool
 
 
 def _reachable(host: str) -> str:
@@ -549,5 +827,12 @@ def _reachable(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _copy(manifest: dict[str, Any]) -> dict[str, Any]:
-    return copy.deepcopy(manifest)
+def _served(job: SimJob, *, upper: bool) -> dict[str, Any]:
+    """A copy of the job's manifest as next-job serves it: ids upper-cased when ``upper``."""
+    manifest = copy.deepcopy(job.manifest)
+    if upper:
+        for item in (manifest["client"], manifest["project"], *manifest["media"]):
+            item["id"] = str(item["id"]).upper()
+        for item in manifest["analyses"]:
+            item["id"] = str(item["id"]).upper()
+    return manifest

@@ -1,9 +1,15 @@
 """Fault injection: what can go wrong on each route, parsed from a short text, drawn with a seed.
 
 A :class:`Faults` maps a route (``next-job``, ``status``, ``result``, ``report``, ``media``) to a
-:class:`FaultSpec` of per-call probabilities. Every call on a route draws exactly one number from
-that route's own ``random.Random``, seeded from ``Faults.seed`` and the route name, so the same
-seed and the same sequence of calls on a route give the same faults, whatever other routes do.
+:class:`FaultSpec` of per-call probabilities. Every call on a route that passes the key check and
+is not answered by an outage window draws exactly one number from that route's own
+``random.Random``, seeded from ``Faults.seed`` and the route name, so the same seed and the same
+sequence of calls on a route give the same faults, whatever other routes do (and however long an
+outage lasted).
+
+These draws are independent. Correlated faults (a route down for a while, one combination always
+refused, "stored, then 409") are scripted instead: see :mod:`goflow_gpu.simulator.scripted`
+(``Simulator.add_outage`` / ``fix_answer``); the app module's docstring lists every fault kind.
 
 Text syntax (the CLI's ``--faults``)::
 

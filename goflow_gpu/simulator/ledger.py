@@ -1,5 +1,8 @@
 """The ledger: everything the simulator accepted, in order, so tests can check exactly-once.
 
+Project, media and analysis ids are canonical lower-case UUIDs, whatever case the manifest was
+served in or the client wrote in a path.
+
 "Accepted" means the server decided on a 2xx and changed its state, even when the connection was
 then cut (accept-then-drop) or the client had already gone (a slow answer past its timeout).
 Such events carry ``"delivered": False``: the server knows the client never saw the answer, so a
@@ -104,10 +107,13 @@ class Ledger:
         first result; ``completed`` after the last result; exactly one report, after
         ``completed``. A repeated status or report is excused only when every earlier copy was
         never delivered to the client (dropped, or answered after the client gave up).
+
+        The manifest's ids may be in any case (``Simulator(upper_ids=True)`` serves them upper
+        case); the ledger is keyed on canonical lower-case ids.
         """
-        project = manifest["project"]["id"]
-        media = [item["id"] for item in manifest["media"]]
-        analyses = [item["id"] for item in manifest["analyses"]]
+        project = str(manifest["project"]["id"]).lower()
+        media = [str(item["id"]).lower() for item in manifest["media"]]
+        analyses = [str(item["id"]).lower() for item in manifest["analyses"]]
         problems = self._check_results(project, media, analyses)
 
         events = [e for e in self.events if e["project"] == project]

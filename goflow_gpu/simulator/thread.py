@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from goflow_gpu.simulator.app import Simulator
 from goflow_gpu.simulator.faults import Faults
+from goflow_gpu.simulator.scripted import FixedAnswer, Outage
 
 T = TypeVar("T")
 _TIMEOUT = 30.0
@@ -110,6 +111,62 @@ class SimulatorThread:
     ) -> None:
         """See :meth:`Simulator.reject_result`."""
         self.call(self.simulator.reject_result, media_id, analysis_id, status, detail)
+
+    def add_outage(
+        self,
+        route: str,
+        seconds: float,
+        *,
+        after: int = 0,
+        status: int = 503,
+        retry_after: str | None = None,
+    ) -> None:
+        """See :meth:`Simulator.add_outage`."""
+        self.call(
+            self.simulator.add_outage,
+            route,
+            seconds,
+            after=after,
+            status=status,
+            retry_after=retry_after,
+        )
+
+    @property
+    def outages(self) -> tuple[Outage, ...]:
+        """See :attr:`Simulator.outages` (read on the simulator's loop)."""
+        return self.call(lambda: self.simulator.outages)
+
+    def fix_answer(
+        self,
+        route: str,
+        status: int,
+        detail: str | None = None,
+        *,
+        media_id: str | None = None,
+        analysis_id: str | None = None,
+        times: int | None = None,
+        accept: bool = False,
+    ) -> None:
+        """See :meth:`Simulator.fix_answer`."""
+        self.call(
+            self.simulator.fix_answer,
+            route,
+            status,
+            detail,
+            media_id=media_id,
+            analysis_id=analysis_id,
+            times=times,
+            accept=accept,
+        )
+
+    @property
+    def answers(self) -> tuple[FixedAnswer, ...]:
+        """See :attr:`Simulator.answers`."""
+        return self.call(lambda: self.simulator.answers)
+
+    def reoffer(self, project_id: str, *, upper: bool = False) -> None:
+        """See :meth:`Simulator.reoffer`."""
+        self.call(self.simulator.reoffer, project_id, upper=upper)
 
     def set_faults(self, faults: Faults | None) -> None:
         self.call(self.simulator.set_faults, faults)
