@@ -1,7 +1,10 @@
 """The ``goflow-gpu`` command line. Thin: parse, configure, call one entry point.
 
-Exit codes: 0 ok, 1 a job was skipped or work was left unfinished, 2 bad configuration or usage,
-3 the backend refused the API key, 4 the local state cannot be used.
+Exit codes: 0 ok (or drained on SIGTERM); 1 a job was skipped, abandoned or parked as
+needs-attention; 2 bad configuration or usage (a broken prompt catalog included); 3 the backend
+refused the API key; 4 the local state cannot be used; 5 the inference engine failed (dead or not
+loadable; state kept, a restart resumes); 75 (EX_TEMPFAIL, ``run``) the backend or an image host
+stayed down past ``outage_patience``: try again later, the state is kept.
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ from goflow_gpu import progress
 from goflow_gpu.bench.cli import register as register_bench
 from goflow_gpu.doctor import register as register_doctor
 from goflow_gpu.engines.cli import dev_app
-from goflow_gpu.errors import AuthenticationError, ConfigError, GoFlowError, StateError
+from goflow_gpu.errors import (
+    AuthenticationError,
+    ConfigError,
+    EngineError,
+    GoFlowError,
+    StateError,
+)
 from goflow_gpu.events import Events
 from goflow_gpu.logs import setup_logging
 from goflow_gpu.prompts.cli import app as prompts_app
@@ -100,6 +109,12 @@ def _errors() -> Iterator[None]:
     except StateError as exc:
         err.print(f"[bold red]state error:[/] {exc}", highlight=False)
         raise typer.Exit(4) from None
+    except EngineError as exc:
+        err.print(
+            f"[bold red]engine failed:[/] {exc}. State is kept; a restart resumes the job.",
+            highlight=False,
+        )
+        raise typer.Exit(5) from None
     except GoFlowError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None

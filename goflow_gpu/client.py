@@ -16,7 +16,9 @@ endpoint's policy, so what is retried is decided by the one predicate ``errors.i
 Decisions worth knowing:
 
 - ids are checked with :func:`protocol.check_uuid` before any call; a bad id raises
-  :class:`InvalidRequestError` and nothing is sent.
+  :class:`InvalidRequestError` and nothing is sent. Paths use the ids as the caller spells them
+  (the server's own spelling); comparisons elsewhere are canonical (lower case).
+- ``stopping``: once set, no further retries and no retry sleeps (a drain is never held up).
 - The ``X-API-Key`` header is added per request, never as a session default: an injected session
   may also fetch images from other hosts, which must never see the key. Redirects are not
   followed for the same reason (the contract has none); a 3xx is a non-retried :class:`ApiError`.
@@ -33,8 +35,8 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import asyncio
 import json
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,10 +47,12 @@ import aiohttp
 from pydantic import SecretStr, ValidationError
 
 from goflow_gpu import protocol
+from goflow_gpu.answers import speaks_of_duplicate
 from goflow_gpu.errors import (
     ApiError,
     AuthenticationError,
     ConfigError,
+    ConflictError,
     DuplicateSubmission,
     InvalidRequestError,
     NoJobAvailable,
@@ -141,9 +145,6 @@ def _short(text: str, limit: int = _DETAIL_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-_DUPLICATE_WORDS = re.compile(r"(?i)\b(duplicate|already (submitted|exists|recorded|reported))")
-
-
 def _map_outcome(call: _Call, outcome: _Answer | BaseException) -> Any:
     """Return the payload of a successful answer, or raise the matching :class:`ApiError`.
 
@@ -209,16 +210,18 @@ def _map_outcome(call: _Call, outcome: _Answer | BaseException) -> Any:
         raise (NoJobAvailable if call.endpoint == "next-job" else NotFoundError)(message, **kwargs)
     if status == 400:
         # The contract says "400 bad request OR duplicate submission" without fixing the wording;
-        # accept the usual ways of saying it.
-        duplicate = _DUPLICATE_WORDS.search(full_text) is not None
+        # the meaning is read by answers.speaks_of_duplicate, not one phrasing.
+        duplicate = speaks_of_duplicate(full_text)
         raise (DuplicateSubmission if duplicate else InvalidRequestError)(message, **kwargs)
+    if status == 409:
+        raise ConflictError(message, **kwargs)
     if status == 422:
         raise UnprocessableError(message, **kwargs)
-    if status == 429 or status >= 500:
+    if status in (425, 429) or status >= 500:
         raise TransientError(
             message,
             retry_after=parse_retry_after(outcome.retry_after),
-            cause="429" if status == 429 else "5xx",
+            cause=str(status) if status < 500 else "5xx",
             **kwargs,
         )
     if status == 408:
@@ -246,6 +249,7 @@ class GoFlowClient:
         stats: RetryStats | None = None,
         max_connections: int = 64,
         on_call: CallHook | None = None,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         try:
             self._base_url = check_backend_url(base_url, "base_url")
@@ -262,6 +266,7 @@ class GoFlowClient:
         self._stats = stats
         self._max_connections = max_connections
         self._on_call = on_call
+        self._stopping = stopping
 
     def __repr__(self) -> str:
         return f"GoFlowClient(base_url={self._base_url!r})"
@@ -401,7 +406,9 @@ class GoFlowClient:
 
         # Bound, so that the retry module's lines carry the ids of the call too.
         with bind(**call.ids):
-            return await call_with_retry(attempt, policy, endpoint=call.endpoint, stats=self._stats)
+            return await call_with_retry(
+                attempt, policy, endpoint=call.endpoint, stats=self._stats, stop=self._stopping
+            )
 
     async def _attempt(
         self,
@@ -455,8 +462,7 @@ class GoFlowClient:
         except ApiError as error:
             if isinstance(error, TransientError) and error.cause == "5xx":
                 state.maybe_delivered = True
-            if isinstance(error, DuplicateSubmission):
-                error.prior_attempt_unknown = state.maybe_delivered
+            error.prior_attempt_unknown = state.maybe_delivered
             _log_failure(error, fields)
             raise
         assert isinstance(outcome, _Answer)  # exceptions always raise in _map_outcome
@@ -492,11 +498,14 @@ def _log_failure(error: ApiError, fields: dict[str, Any]) -> None:
 
 
 def _checked_ids(route: str, **ids: str) -> dict[str, str]:
-    """Canonical ids, or :class:`InvalidRequestError` naming the first bad one (nothing sent)."""
+    """The ids as given, once each is checked to be a UUID; else :class:`InvalidRequestError`
+    naming the first bad one (nothing sent). Paths keep the caller's spelling (the server's own,
+    upper case included): the worker compares ids canonically but never rewrites them."""
     checked: dict[str, str] = {}
     for name, value in ids.items():
         try:
-            checked[name] = protocol.check_uuid(value)
+            protocol.check_uuid(value)
+            checked[name] = value
         except ValueError as exc:
             raise InvalidRequestError(
                 f"{route}: {name} {_short(repr(value), 80)} {exc}; no call made", endpoint=route

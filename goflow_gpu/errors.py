@@ -12,15 +12,18 @@ the code only ever catches these::
     │   ├── NotFoundError            404 elsewhere: unknown project, media or analysis
     │   ├── InvalidRequestError      400: the request was refused as it was
     │   │   └── DuplicateSubmission  400 whose detail says the combination was already submitted
+    │   ├── ConflictError            409: the backend has this already, or a lock refuses it
     │   ├── UnprocessableError       422: the body was understood but invalid (server's detail kept)
     │   ├── ProtocolError            a 2xx whose body is not what the contract says
     │   └── TransientError           network error, timeout, 429, 5xx: retryable
     ├── ManifestError                a job manifest that fails validation (names field and value)
     ├── MediaError                   an image that could not be fetched or failed validation
     ├── EngineError                  the inference engine failed to load or to answer
+    ├── PatienceExhausted            a service stayed down longer than the patience (patience.py)
     └── StateError                   the local state cannot be used (corrupt, locked, unwritable)
 
-What is retryable is decided in exactly one place, :func:`is_retryable`.
+What is retryable is decided in exactly one place, :func:`is_retryable`; what every answer means
+to the job (refused, landed, park, ...) in :mod:`goflow_gpu.answers`.
 """
 
 from __future__ import annotations
@@ -56,6 +59,16 @@ class ApiError(GoFlowError):
         self.endpoint = endpoint
         self.status = status
         self.detail = detail
+        # True when an earlier attempt of the same call may have reached the server (network
+        # error after connecting, timeout, 5xx): a "duplicate" answer then means it landed.
+        self.prior_attempt_unknown = False
+
+    @property
+    def detail_text(self) -> str:
+        """The server's detail as text ('' when it gave none)."""
+        if self.detail is None:
+            return ""
+        return self.detail if isinstance(self.detail, str) else str(self.detail)
 
 
 class AuthenticationError(ApiError):
@@ -75,13 +88,15 @@ class InvalidRequestError(ApiError):
 
 
 class DuplicateSubmission(InvalidRequestError):
-    """400 saying this media x analysis combination was already submitted.
+    """400 saying this was already submitted (:func:`goflow_gpu.answers.speaks_of_duplicate`).
 
     ``prior_attempt_unknown`` is true when an earlier attempt of the same call may have reached
     the server (network error, timeout, 5xx): the duplicate is then most likely our own result.
     """
 
-    prior_attempt_unknown: bool = False
+
+class ConflictError(ApiError):
+    """409: the backend already has this, or something (a lock) refuses it now."""
 
 
 class UnprocessableError(ApiError):

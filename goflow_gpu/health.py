@@ -13,8 +13,9 @@
 - ``GET /metrics``: :meth:`Metrics.render`, Prometheus text format.
 - ``GET /healthz``: 200 whenever the event loop answers (liveness: a wedged loop gets no answer
   and the orchestrator restarts the worker).
-- ``GET /readyz``: 200 only when the engine is loaded, the state is open and the backend answered
-  within ``Readiness.freshness`` seconds; otherwise 503. Both carry a JSON body naming each check,
+- ``GET /readyz``: 200 only when the engine is loaded, the state is open, the backend answered
+  within ``Readiness.freshness`` seconds and no job is waiting out an outage (the check then
+  says which service and why); otherwise 503. Both carry a JSON body naming each check,
   so whoever reads a failed probe sees which one failed.
 
 The server runs on the worker's own event loop: it must stay cheap (no blocking work in handlers).
@@ -56,6 +57,15 @@ class Readiness:
     last_backend_error: str | None = None
     freshness: float = DEFAULT_FRESHNESS
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    #: services the worker is waiting for (an outage past the client's retries): name -> why
+    waiting: dict[str, str] = field(default_factory=dict)
+
+    def outage(self, service: str, reason: str | None) -> None:
+        """A job's calls to ``service`` are paused (``reason``) or resumed (``None``)."""
+        if reason is None:
+            self.waiting.pop(service, None)
+        else:
+            self.waiting[service] = reason
 
     def backend_ok(self) -> None:
         """Record that the backend just answered (any answer of the contract, 404 idle included)."""
@@ -81,6 +91,13 @@ class Readiness:
                 self.state_open, "state open" if self.state_open else "local state not open"
             ),
             "backend_reachable": self._backend_check(),
+            "not_waiting": _check(
+                not self.waiting,
+                "no outage"
+                if not self.waiting
+                else "waiting for "
+                + "; ".join(f"{name} ({why})" for name, why in sorted(self.waiting.items())),
+            ),
         }
 
     def ready(self) -> bool:

@@ -8,20 +8,31 @@ engine never waits for HTTP::
       └─ a media item that cannot be fetched fails its combinations ──────┘
 
 - The feeder walks the plan media-major (all analyses of one image together: vLLM's prefix cache
-  then prefills each image once), awaiting each image's download (downloads run ahead,
-  bounded by the fetcher).
+  then prefills each image once), feeding each image's combinations as its download completes
+  (downloads run ahead, bounded by the fetcher).
 - An inference slot asks the engine, checks the answer (QA) and re-asks with the QA reasons
   appended until it passes or the retries are spent; the verdict and the exact POST body are
-  stored (``ready``) before the combination goes to the report queue.
-- A poster records the POST intent (``posting``), POSTs, and records the outcome. Transient
-  failures past the client's retries put the combination back in the queue after a pause: a
-  combination is POSTed until the backend accepts or refuses it.
+  stored (``ready``) before the combination goes to the report queue. An engine error is not a
+  QA failure: the request is tried again (``engine_retries``) without using a QA attempt and
+  without telling the model; if the engine keeps failing that one request the combination
+  fails with ``engine_error``; an engine that raises (dead) stops the job, which resumes on the
+  next start.
+- A poster records the POST intent (``posting``), POSTs, and records the outcome, as
+  :mod:`goflow_gpu.answers` decides it: only a definite refusal from the server is terminal.
 - Status ``processing`` is sent (once, durably) right before the first inference request or the
   first result POST, whichever comes first; ``completed`` and then the report once every
   combination is ``reported`` or ``rejected``.
 
-Draining (SIGTERM): the feeder stops, in-flight requests finish and are reported, the job stays
-open in the state store and is resumed by the next start.
+Outages: a transient failure that outlasts the client's retries pauses the job's calls to that
+service (:class:`~goflow_gpu.patience.Outage`, one for the backend, one for the image hosts):
+every poster waits for the same probe, inference goes on, nothing becomes terminal, and
+``completed`` waits. After ``outage_patience`` (``run`` only) the job stops unfinished.
+
+Draining (SIGTERM): the feeder stops, queued rows go back untouched (still ``pending``), QA
+re-asks stop, in-flight requests get ``drain_timeout`` seconds and are then aborted (their rows
+stay ``pending``, no attempt used), posters POST what is ready until then, each once (no retry
+sleeps), and every backoff wakes at once. The job stays open in the state store and is resumed
+by the next start.
 """
 
 from __future__ import annotations
@@ -31,21 +42,21 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from goflow_gpu.answers import Decision, Endpoint, decide
 from goflow_gpu.client import GoFlowClient
-from goflow_gpu.engines.base import Engine, InferenceRequest, Sampling
+from goflow_gpu.engines.base import Engine, InferenceRequest, InferenceResult, Sampling
 from goflow_gpu.errors import (
-    DuplicateSubmission,
+    ApiError,
+    AuthenticationError,
     GoFlowError,
-    InvalidRequestError,
     MediaError,
-    NotFoundError,
     StateError,
     TransientError,
-    UnprocessableError,
 )
 from goflow_gpu.events import Events
 from goflow_gpu.logs import bind, get_logger
 from goflow_gpu.media import FetchedImage, MediaFetcher
+from goflow_gpu.patience import Outage, OutageHook, Stopped
 from goflow_gpu.prompts import QARules, RenderedPrompt
 from goflow_gpu.prompts.qa import QAVerdict, judge, retry_user_prompt
 from goflow_gpu.protocol import (
@@ -73,9 +84,15 @@ class JobOptions:
     report_concurrency: int = 8
     min_pixels: int = 256 * 28 * 28
     max_pixels: int = 1280 * 28 * 28
-    repost_pause: float = 5.0
-    max_post_rounds: int = 4  # rounds of the client's retries before a POST is given up
     keep_media: bool = False  # keep a closed job's cached images
+    outage_patience: float | None = None  # None: wait for a service forever (serve)
+    outage_backoff_min: float = 1.0
+    outage_backoff_max: float = 60.0
+    drain_timeout: float = 20.0
+    engine_retries: int = 2
+    #: status/report PUTs re-sent after an unknown outcome (across restarts) before the job is
+    #: parked: a crash loop around one PUT must not re-send it forever.
+    max_put_resends: int = 5
 
 
 @dataclass
@@ -89,6 +106,12 @@ class JobOutcome:
     failed: int
     seconds: float
     abandoned: bool = False  # the backend no longer knows the project
+    parked: bool = False  # a status/report PUT was refused: the job needs attention
+    waited_out: bool = False  # a service stayed down past the patience: try again later
+
+
+class JobParked(GoFlowError):
+    """A status or report PUT was refused for good: the job needs an operator's attention."""
 
 
 class JobRunner:
@@ -105,47 +128,107 @@ class JobRunner:
         options: JobOptions,
         stopping: asyncio.Event,
         events: Events | None = None,
+        on_outage: OutageHook | None = None,
     ) -> None:
         self.store = store
         self.client = client
         self.engine = engine
         self.fetcher = fetcher
-        self.project_id = project_id
         self.options = options
         self.stopping = stopping
         self.events = events or Events()
         job = store.job(project_id)
         if job is None:
             raise StateError(f"job {project_id} is not in the state store")
+        self.project_id = job.project_id
         self.manifest: Manifest = parse_manifest(job.manifest)
         self._media = {m.id: m for m in self.manifest.media}
+        self._analysis_ids = {a.id for a in self.manifest.analyses}
+        # Canonical id -> the server's own spelling, for paths (ids compare case-insensitively).
+        self._spelling = _spellings(job.manifest)
+        # Statuses already sent, kept here so the hot path never re-reads the job row.
+        self._sent = {
+            status
+            for status, phase in (
+                ("processing", job.status_processing),
+                ("completed", job.status_completed),
+            )
+            if phase == "sent"
+        }
         self._processing_lock = asyncio.Lock()
         self._infer_q: asyncio.Queue[ComboRow | None] = asyncio.Queue(
             maxsize=max(2, 2 * options.inference_slots)
         )
         self._report_q: asyncio.Queue[ComboKey | None] = asyncio.Queue()
         self._fatal: BaseException | None = None
+        outage = {
+            "stopping": stopping,
+            "patience": options.outage_patience,
+            "base": options.outage_backoff_min,
+            "cap": options.outage_backoff_max,
+            "on_change": on_outage,
+        }
+        self._backend = Outage("backend", **outage)  # type: ignore[arg-type]
+        self._image_hosts = Outage("image hosts", **outage)  # type: ignore[arg-type]
+        self._in_flight: set[asyncio.Future[InferenceResult]] = set()
+        self._aborting = False  # the drain timeout passed: in-flight requests were aborted
+        self._post_cutoff = asyncio.Event()  # the drain timeout passed: no new POSTs
 
     # -- status -------------------------------------------------------------------------------
 
     async def _ensure_status(self, status: ProjectStatus) -> None:
-        """Send a project status at most once, recording intent before and success after."""
+        """Send a project status at most once, recording intent before and success after.
+
+        Raises :class:`Stopped` when the worker stops while the backend is down.
+        """
+        # Always through the lock (uncontended it does not yield): it is fair, so slots that
+        # waited for "processing" go first and the media-major order holds.
         async with self._processing_lock:
-            job = self.store.job(self.project_id)
-            assert job is not None
-            phase = job.status_processing if status == "processing" else job.status_completed
-            if phase == "sent":
+            if status in self._sent:
                 return
-            if status == "completed" and job.status_processing != "sent":
+            if status == "completed" and "processing" not in self._sent:
                 await self._send_status("processing")
             await self._send_status(status)
 
     async def _send_status(self, status: ProjectStatus) -> None:
-        self.store.mark_status(self.project_id, status, "intent")
-        await self.client.set_status(self.project_id, status)
+        resends = self.store.mark_status(self.project_id, status, "intent")
+        self._check_resends(resends, f"status {status}")
+        pid = self._wire(self.project_id)
+        try:
+            await self._backend.call(
+                lambda: self.client.set_status(pid, status), what=f"PUT status {status}"
+            )
+        except ApiError as exc:
+            self._settle_put("status", f"status {status}", exc)
         self.store.mark_status(self.project_id, status, "sent")
+        self._sent.add(status)
         log.info("project status sent", status=status)
         self.events.emit("status_sent", self.project_id, status=status)
+
+    def _check_resends(self, resends: int, what: str) -> None:
+        if resends > self.options.max_put_resends:
+            raise JobParked(
+                f"{what} was re-sent {resends} times after its outcome was unknown (a crash or "
+                "lost answer each time); not sending it again by itself"
+            )
+
+    def _settle_put(self, endpoint: Endpoint, what: str, exc: ApiError) -> None:
+        """A status/report PUT got a non-transient answer: return when it counts as sent,
+        else raise what the worker acts on (auth, abandon, park)."""
+        if isinstance(exc, AuthenticationError):
+            raise exc
+        decision = decide(endpoint, exc.status, exc.detail_text, prior_unknown=True)
+        if decision is Decision.LANDED:
+            log.warning(
+                "backend says it has this already: counted as sent",
+                call=what,
+                http_status=exc.status,
+                detail=exc.detail_text[:500],
+            )
+            return
+        if decision is Decision.GONE:
+            raise exc  # the worker abandons the job
+        raise JobParked(f"{what} refused: HTTP {exc.status}: {exc.detail_text[:1000]}") from exc
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -181,13 +264,16 @@ class JobRunner:
                 for i in range(self.options.report_concurrency)
             ]
             feeder = asyncio.create_task(self._feeder(), name="feeder")
-            sampler = asyncio.create_task(self._sample_queues(), name="queue-sampler")
+            helpers = [
+                asyncio.create_task(self._sample_queues(), name="queue-sampler"),
+                asyncio.create_task(self._drain_watchdog(), name="drain-watchdog"),
+            ]
             try:
                 await self._supervise(feeder, slots, posters)
             finally:
-                for task in [feeder, *slots, *posters, sampler]:
+                for task in [feeder, *slots, *posters, *helpers]:
                     task.cancel()
-                await asyncio.gather(feeder, *slots, *posters, sampler, return_exceptions=True)
+                await asyncio.gather(feeder, *slots, *posters, *helpers, return_exceptions=True)
                 self._emit_queue_depths()
             if self._fatal is not None:
                 raise self._fatal
@@ -224,6 +310,28 @@ class JobRunner:
             every = [t for t in every if not t.done()]
         await drainer
 
+    async def _drain_watchdog(self) -> None:
+        """On stop: give in-flight requests ``drain_timeout`` seconds, then abort them and let
+        no new POST start (the rows stay ``pending`` / ``ready`` for the next start)."""
+        await self.stopping.wait()
+        running = set(self._in_flight)
+        log.info(
+            "draining: no new inference, in-flight requests get the drain timeout",
+            in_flight=len(running),
+            drain_timeout_s=self.options.drain_timeout,
+        )
+        if running:
+            await asyncio.wait(running, timeout=self.options.drain_timeout)
+        else:
+            await asyncio.sleep(self.options.drain_timeout)
+        self._aborting = True
+        self._post_cutoff.set()
+        left = [f for f in self._in_flight if not f.done()]
+        if left:
+            log.warning("drain timeout: aborting in-flight requests", aborted=len(left))
+        for future in left:
+            future.cancel()
+
     def _emit_queue_depths(self) -> None:
         self.events.emit(
             "queues",
@@ -251,12 +359,18 @@ class JobRunner:
             key: asyncio.create_task(self._fetch(*key), name=f"fetch-{key[0][:8]}-{key[1]}")
             for key in groups
         }
+        remaining = list(groups)  # plan order
         try:
-            for key, rows in groups.items():
+            while remaining:
+                key = await self._next_download(remaining, downloads)
+                remaining.remove(key)
                 if self.stopping.is_set():
-                    log.info("draining: no new inference requests", left=len(rows))
+                    log.info("draining: no new inference requests")
                     return
-                fetched = await downloads[key]
+                _, fetched = downloads[key].result()
+                if fetched is None:
+                    continue  # stopped while its host was down: the rows stay pending
+                rows = groups[key]
                 if isinstance(fetched, MediaError):
                     for row in rows:
                         await self._fail_media(row, str(fetched))
@@ -269,16 +383,50 @@ class JobRunner:
             for task in downloads.values():
                 task.cancel()
 
-    async def _fetch(self, media_id: str, variant: str) -> FetchedImage | MediaError:
+    async def _next_download(
+        self,
+        remaining: list[tuple[str, str]],
+        downloads: dict[tuple[str, str], asyncio.Task[Any]],
+    ) -> tuple[str, str]:
+        """The next (media, variant) to feed: the plan's next one (media-major, for the prefix
+        cache) once downloaded; while the image hosts are in an outage, any downloaded one in
+        plan order, so one image whose host is down does not hold up the images after it."""
+        while True:
+            head = remaining[0]
+            if downloads[head].done():
+                return head
+            if self._image_hosts.active:
+                ready = next((k for k in remaining if downloads[k].done()), None)
+                if ready is not None:
+                    return ready
+            waiting = [downloads[k] for k in remaining if not downloads[k].done()]
+            # Wake on any finished download, and now and then to notice an outage.
+            await asyncio.wait(waiting, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _fetch(
+        self, media_id: str, variant: str
+    ) -> tuple[tuple[str, str], FetchedImage | MediaError | None]:
+        """One image, waiting out its host's outages; ``None`` when stopped while waiting.
+
+        Only a permanent failure (404/410, not an image, too large, a bomb, a refused URL) is a
+        :class:`MediaError`; transient ones never fail a combination.
+        """
+        key = (media_id, variant)
+        media = self._media[media_id]
         with bind(media_id=media_id):
             try:
-                image = await self.fetcher.fetch(self.project_id, self._media[media_id], variant)
+                image = await self._image_hosts.call(
+                    lambda: self.fetcher.fetch(self.project_id, media, variant),
+                    what=f"image {media_id} ({variant})",
+                )
+            except Stopped:
+                return key, None
             except MediaError as exc:
                 log.warning("media unavailable", variant=variant, reason=str(exc))
                 self.events.emit(
                     "media_ready", self.project_id, media_id, variant=variant, error=str(exc)
                 )
-                return exc
+                return key, exc
             self.events.emit(
                 "media_ready",
                 self.project_id,
@@ -287,7 +435,7 @@ class JobRunner:
                 downloaded=image.downloaded,
                 error=None,
             )
-            return image
+            return key, image
 
     async def _fail_media(self, row: ComboRow, reason: str) -> None:
         body = self._body(
@@ -308,9 +456,72 @@ class JobRunner:
             row = await self._infer_q.get()
             if row is None:
                 return
+            if self.stopping.is_set():
+                continue  # queued rows go back untouched: still pending in the store
             with bind(media_id=row.key.media_id, analysis_id=row.key.analysis_id):
-                await self._ensure_status("processing")
+                try:
+                    await self._ensure_status("processing")
+                except Stopped:
+                    continue
                 await self._infer_one(row)
+
+    async def _ask(self, request: InferenceRequest, row: ComboRow) -> InferenceResult | None:
+        """The engine's answer, trying a failed request again (``engine_retries``) without
+        using a QA attempt. ``None`` when it was aborted by the drain (the row stays pending).
+
+        An exception of the engine (:class:`~goflow_gpu.errors.EngineError`: it is dead)
+        propagates and stops the job.
+        """
+        key = row.key
+        result: InferenceResult | None = None
+        for engine_try in range(self.options.engine_retries + 1):
+            if engine_try and (self.stopping.is_set() or not await self._pause(0.5 * engine_try)):
+                return None
+            self.events.emit(
+                "inference_started",
+                key.project_id,
+                key.media_id,
+                key.analysis_id,
+                attempt=row.attempts + 1,
+            )
+            future = asyncio.ensure_future(self.engine.infer(request))
+            self._in_flight.add(future)
+            try:
+                result = await future
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if self._aborting and (current is None or not current.cancelling()):
+                    return None  # aborted by the drain timeout, not by our own cancellation
+                raise
+            finally:
+                self._in_flight.discard(future)
+            self.events.emit(
+                "inference_finished",
+                key.project_id,
+                key.media_id,
+                key.analysis_id,
+                attempt=row.attempts + 1,
+                prompt_tokens=result.prompt_tokens,
+                cached_tokens=result.cached_tokens,
+                generated_tokens=result.generated_tokens,
+                error=result.error,
+            )
+            if result.error is None:
+                return result
+            if self._aborting or self.stopping.is_set() or result.finish_reason == "abort":
+                return None
+            log.warning(
+                "engine failed a request", error=result.error[:500], engine_try=engine_try + 1
+            )
+        return result
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep unless stopping; False when the stop came first."""
+        try:
+            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            return True
+        return False
 
     async def _infer_one(self, row: ComboRow) -> None:
         image = self.store.media(self.project_id, row.key.media_id, row.variant)
@@ -328,16 +539,23 @@ class JobRunner:
             temperature=row.temperature,
         )
         rules = QARules.model_validate(row.qa_rules)
-        user_prompt = row.user_prompt
-        started = time.monotonic()
-        totals = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
-        # A resumed combination whose tries were all spent before a crash keeps its last reasons.
+        # A resumed combination whose tries were all spent before a crash keeps its last reasons;
+        # one with tries left is re-asked with them, as it would have been without the stop.
         last = row.reasons[-1] if row.reasons else ["no attempt was made"]
         verdict = QAVerdict(passed=False, result=None, reasons=list(last))
+        user_prompt = row.user_prompt
+        if row.attempts and row.reasons:
+            user_prompt = retry_user_prompt(row.user_prompt, row.reasons[-1])
         attempts_left = self.options.qa_retries + 1 - row.attempts
+        started = time.monotonic()
+        totals = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
         raw_text = ""
+        asked = False
         while attempts_left > 0:
-            attempts_left -= 1
+            if asked and self.stopping.is_set():
+                log.info("draining: QA re-ask left for the next start", attempts=row.attempts)
+                return  # stays pending with its attempts recorded
+            asked = True
             request = InferenceRequest(
                 request_id=f"{row.key.media_id}:{row.key.analysis_id}:{row.attempts + 1}",
                 image_path=image.path,
@@ -347,29 +565,18 @@ class JobRunner:
                 sampling=Sampling(max_tokens=row.max_tokens, temperature=row.temperature),
                 group_key=(row.key.media_id, row.variant),
             )
-            key = row.key
-            self.events.emit(
-                "inference_started",
-                key.project_id,
-                key.media_id,
-                key.analysis_id,
-                attempt=row.attempts + 1,
-            )
-            result = await self.engine.infer(request)
-            self.events.emit(
-                "inference_finished",
-                key.project_id,
-                key.media_id,
-                key.analysis_id,
-                attempt=row.attempts + 1,
-                prompt_tokens=result.prompt_tokens,
-                cached_tokens=result.cached_tokens,
-                generated_tokens=result.generated_tokens,
-                error=result.error,
-            )
+            result = await self._ask(request, row)
+            if result is None:
+                return  # aborted or stopped: no attempt used, the row stays pending
             for name in totals:
                 totals[name] += getattr(result, name) or 0
+            if result.error is not None:
+                self._engine_failed(row, result.error, user_prompt, time.monotonic() - started)
+                await self._report_q.put(row.key)
+                return
+            attempts_left -= 1
             raw_text = result.text
+            key = row.key
             try:
                 verdict = judge(
                     result,
@@ -420,6 +627,17 @@ class JobRunner:
             log.warning("analysis failed qa", slug=row.slug, reasons=verdict.reasons[:5])
         await self._report_q.put(row.key)
 
+    def _engine_failed(self, row: ComboRow, error: str, user_prompt: str, seconds: float) -> None:
+        """The engine kept failing this one request: a visible failure, not a QA verdict."""
+        failure = {
+            "error": "engine_error",
+            "reasons": [error[:1000]],
+            "engine_tries": self.options.engine_retries + 1,
+        }
+        body = self._body(row, "failed", failure, user_prompt, seconds)
+        self.store.mark_ready(row.key, body, "failed", metrics={"inference_seconds": seconds})
+        log.error("engine failed this request every time", slug=row.slug, error=error[:500])
+
     def _body(
         self,
         row: ComboRow,
@@ -452,65 +670,71 @@ class JobRunner:
                 self._report_q.task_done()
 
     async def _post(self, key: ComboKey) -> None:
+        """POST one stored verdict until the backend accepts or definitely refuses it."""
         self._check_ids(key)
-        await self._ensure_status("processing")
+        if self._post_cutoff.is_set():
+            return  # draining past the drain timeout: left ``ready`` for the next start
+        try:
+            await self._ensure_status("processing")
+        except Stopped:
+            return
         row = self.store.combo(key)
         if row.state in TERMINAL_STATES:
             return
-        unknown_before = row.state == "posting"  # a crash or lost answer after the intent
-        self.store.mark_posting(key)
-        rounds = row.post_attempts + 1  # this call's round, counted across restarts
-        self.events.emit("post_started", *_ids(key))
         assert row.body is not None
         body = ResultBody.model_validate(row.body)
+        # A crash or lost answer after an earlier intent: that POST may have landed.
+        unknown = row.state == "posting"
+        ids = (self._wire(key.project_id), self._wire(key.media_id), self._wire(key.analysis_id))
+
+        async def one_round() -> int:
+            nonlocal unknown
+            self.store.mark_posting(key)
+            self.events.emit("post_started", *_ids(key))
+            try:
+                return await self.client.post_result(*ids, body)
+            except TransientError as exc:
+                unknown = True
+                self._posted(row, exc.status, "retry")
+                raise
+            except ApiError as exc:
+                unknown = unknown or exc.prior_attempt_unknown
+                raise
+
         try:
-            code = await self.client.post_result(
-                key.project_id, key.media_id, key.analysis_id, body
-            )
-        except DuplicateSubmission as exc:
-            if unknown_before or exc.prior_attempt_unknown:
-                self.store.mark_reported(key, 400, "duplicate after unknown outcome: accepted")
-                log.info("result already accepted earlier", slug=row.slug)
-                self._posted(row, 400, "duplicate")
-            else:
-                self.store.mark_rejected(key, 400, _detail(exc))
-                log.error("result refused as duplicate", slug=row.slug, detail=_detail(exc))
-                self._posted(row, 400, "rejected")
-            return
-        except (UnprocessableError, InvalidRequestError, NotFoundError) as exc:
-            # exc.status is None when the client refused to send (an unencodable body).
-            self.store.mark_rejected(key, exc.status, _detail(exc))
-            log.error("result refused", slug=row.slug, status=exc.status, detail=_detail(exc))
-            self._posted(row, exc.status, "rejected")
-            return
-        except TransientError as exc:
-            if rounds >= self.options.max_post_rounds:
-                # Every retry of every round failed in transit: a visible failure (contract:
-                # "individual failures are acceptable but must be visible"), so the job can end.
-                detail = f"gave up after {rounds} rounds of retries: {exc.cause}: {exc}"
-                self.store.mark_rejected(key, exc.status, detail[:1000])
-                log.error("result post failed for good", slug=row.slug, rounds=rounds)
-                self._posted(row, exc.status, "rejected")
-                return
-            # The client's retries are spent and the outcome is unknown: another round after a
-            # pause. When draining, leave it for the next start (it stays ``posting``, so a
-            # duplicate-400 then counts as accepted).
-            log.warning(
-                "result post failed, will retry",
-                slug=row.slug,
-                reason=exc.cause,
-                round=rounds,
-                pause=self.options.repost_pause,
-                draining=self.stopping.is_set(),
-            )
-            self._posted(row, exc.status, "retry")
-            if not self.stopping.is_set():
-                await asyncio.sleep(self.options.repost_pause)
-                self._report_q.put_nowait(key)
+            code = await self._backend.call(one_round, what="POST result")
+        except Stopped:
+            log.info("draining: result left for the next start", slug=row.slug)
+            return  # stays ``posting``: a duplicate answer next time means it landed
+        except AuthenticationError:
+            raise
+        except ApiError as exc:
+            self._settle_result(row, exc, prior_unknown=unknown)
             return
         self.store.mark_reported(key, code)
         self._posted(row, code, "accepted")
         log.info("result reported", slug=row.slug, status=row.result_status, http_status=code)
+
+    def _settle_result(self, row: ComboRow, exc: ApiError, *, prior_unknown: bool) -> None:
+        """A result POST got a definite answer that is not a success (see answers.TABLE)."""
+        key = row.key
+        status = exc.status
+        detail = exc.detail_text[:1000] or str(exc)[:1000]
+        if status is None:
+            # The client refused to send it (an unencodable body): nothing can fix that.
+            self.store.mark_rejected(key, None, detail)
+            log.error("result refused before sending", slug=row.slug, detail=detail)
+            self._posted(row, None, "rejected")
+            return
+        decision = decide("result", status, exc.detail_text, prior_unknown=prior_unknown)
+        if decision is Decision.LANDED:
+            self.store.mark_reported(key, status, f"duplicate after unknown outcome: {detail}")
+            log.info("result already accepted earlier", slug=row.slug, http_status=status)
+            self._posted(row, status, "duplicate")
+            return
+        self.store.mark_rejected(key, status, detail)
+        log.error("result refused", slug=row.slug, http_status=status, detail=detail)
+        self._posted(row, status, "rejected")
 
     def _posted(self, row: ComboRow, http_status: int | None, outcome: str) -> None:
         self.events.emit(
@@ -526,10 +750,14 @@ class JobRunner:
         if (
             key.project_id != self.project_id
             or key.media_id not in self._media
-            or key.analysis_id not in {a.id for a in self.manifest.analyses}
+            or key.analysis_id not in self._analysis_ids
         ):
             log.error("refusing a call for a combination not in this job", key=str(key))
             raise StateError(f"combination {key} is not part of job {self.project_id}")
+
+    def _wire(self, canonical: str) -> str:
+        """An id as the server spelled it in the manifest (paths use the server's spelling)."""
+        return self._spelling.get(canonical, canonical)
 
     # -- the end --------------------------------------------------------------------------------
 
@@ -539,30 +767,12 @@ class JobRunner:
         left = [r for r in rows if r.state not in TERMINAL_STATES]
         seconds = time.monotonic() - started
         if left:
-            log.info("job paused", left=len(left))
-            failed = len(rows) - completed - len(left)
-            self.events.emit(
-                "job_finished", self.project_id, closed=False, completed=completed, failed=failed
-            )
-            return JobOutcome(self.project_id, False, len(rows), completed, failed, seconds)
-        await self._ensure_status("completed")
-        job = self.store.job(self.project_id)
-        assert job is not None
-        if job.report != "sent":
-            if job.report == "intent" and job.report_body:
-                # Resend exactly what an interrupted run built; a rebuilt one would count the
-                # downtime in processing_time_minutes.
-                report = ReportBody.model_validate(job.report_body)
-            else:
-                wall = time.time() - job.created_at
-                report = build_report(
-                    self.manifest, rows, wall_seconds=wall, model=self.engine.model_label
-                )
-                self.store.mark_report(self.project_id, "intent", report.wire())
-            await self.client.put_report(self.project_id, report)
-            self.store.mark_report(self.project_id, "sent")
-            log.info("report sent", summary=report.report.summary)
-            self.events.emit("report_sent", self.project_id)
+            return self._paused(rows, completed, len(left), seconds)
+        try:
+            await self._ensure_status("completed")
+            await self._send_report(rows)
+        except Stopped:
+            return self._paused(rows, completed, 0, seconds)
         self.store.close_job(self.project_id)
         if not self.options.keep_media:
             # The job is done: its cached images only take disk space from now on.
@@ -581,12 +791,55 @@ class JobRunner:
         )
         return JobOutcome(self.project_id, True, len(rows), completed, failed, seconds)
 
+    def _paused(
+        self, rows: list[ComboRow], completed: int, left: int, seconds: float
+    ) -> JobOutcome:
+        log.info("job paused", left=left)
+        failed = len(rows) - completed - left
+        self.events.emit(
+            "job_finished", self.project_id, closed=False, completed=completed, failed=failed
+        )
+        return JobOutcome(self.project_id, False, len(rows), completed, failed, seconds)
+
+    async def _send_report(self, rows: list[ComboRow]) -> None:
+        job = self.store.job(self.project_id)
+        assert job is not None
+        if job.report == "sent":
+            return
+        if job.report == "intent" and job.report_body:
+            # Resend exactly what an interrupted run built; a rebuilt one would count the
+            # downtime in processing_time_minutes.
+            report = ReportBody.model_validate(job.report_body)
+            resends = self.store.mark_report(self.project_id, "intent")
+        else:
+            wall = time.time() - job.created_at
+            report = build_report(
+                self.manifest, rows, wall_seconds=wall, model=self.engine.model_label
+            )
+            resends = self.store.mark_report(self.project_id, "intent", report.wire())
+        self._check_resends(resends, "the report")
+        pid = self._wire(self.project_id)
+        try:
+            await self._backend.call(lambda: self.client.put_report(pid, report), what="PUT report")
+        except ApiError as exc:
+            self._settle_put("report", "the report", exc)
+        self.store.mark_report(self.project_id, "sent")
+        log.info("report sent", summary=report.report.summary)
+        self.events.emit("report_sent", self.project_id)
+
+
+def _spellings(raw: dict[str, Any]) -> dict[str, str]:
+    """Canonical (lower-case) id -> the id as the manifest spells it."""
+    out: dict[str, str] = {}
+    project = raw.get("project")
+    if isinstance(project, dict) and isinstance(project.get("id"), str):
+        out[project["id"].lower()] = project["id"]
+    for section in ("media", "analyses"):
+        for item in raw.get(section) or []:
+            if isinstance(item, dict) and isinstance(item.get("id"), str):
+                out[item["id"].lower()] = item["id"]
+    return out
+
 
 def _ids(key: ComboKey) -> tuple[str, str, str]:
     return key.project_id, key.media_id, key.analysis_id
-
-
-def _detail(exc: GoFlowError) -> str:
-    detail = getattr(exc, "detail", None)
-    text = str(detail) if detail is not None else str(exc)
-    return text[:1000]

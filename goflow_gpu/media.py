@@ -19,8 +19,11 @@ What it guarantees:
   image is decoded once so truncated or corrupt files are caught here, not in the engine.
 - **No secrets sent.** Media hosts are third parties: requests carry no API key, no
   Authorization header and no cookies. A shared session that carries such headers is refused.
-- **Retried a little.** Network errors, timeouts, 429 and 5xx are retried with
-  :func:`goflow_gpu.retry.call_with_retry` (:data:`MEDIA_RETRY`); everything else fails at once.
+- **Retried a little, never failed for a passing fault.** Network errors, timeouts, 408, 425,
+  429 and 5xx are retried with :func:`goflow_gpu.retry.call_with_retry` (:data:`MEDIA_RETRY`);
+  past that a :class:`~goflow_gpu.errors.TransientError` is raised (not a ``MediaError``), and
+  the job waits the host's outage out. Only permanent failures (404/410 and other 4xx, not an
+  image, too large, a bomb, a refused URL) raise :class:`MediaError`.
 
 A local disk problem (cache folder unwritable, disk full) raises
 :class:`~goflow_gpu.errors.StateError` instead: it is not the image's fault.
@@ -140,6 +143,7 @@ class MediaFetcher:
         concurrency: int = 8,
         session: aiohttp.ClientSession | None = None,
         retry_policy: RetryPolicy | None = None,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"download concurrency must be >= 1, got {concurrency}")
@@ -152,6 +156,7 @@ class MediaFetcher:
         self._semaphore = asyncio.Semaphore(concurrency)
         self._policy = retry_policy or dataclasses.replace(MEDIA_RETRY, timeout=limits.timeout)
         self._inflight: dict[tuple[str, str, str], _Inflight] = {}
+        self._stopping = stopping
 
     async def fetch(self, project_id: str, media: Media, variant: str) -> FetchedImage:
         """The validated image of one (project, media, variant), from cache or downloaded once.
@@ -282,10 +287,11 @@ class MediaFetcher:
         async def attempt(_: int) -> tuple[Path, int, str]:
             return await self._attempt(url, final)
 
-        try:
-            tmp, nbytes, digest = await call_with_retry(attempt, self._policy, endpoint="media")
-        except TransientError as exc:
-            raise MediaError(str(exc)) from None
+        # A TransientError that outlasts these retries propagates: the job waits out the host's
+        # outage (patience.Outage) instead of failing the image's combinations for good.
+        tmp, nbytes, digest = await call_with_retry(
+            attempt, self._policy, endpoint="media", stop=self._stopping
+        )
         try:
             width, height = await asyncio.to_thread(
                 _validate_image, tmp, display_url(url), self._limits.max_pixels
@@ -356,12 +362,12 @@ class MediaFetcher:
     ) -> tuple[Path, int, str]:
         status = resp.status
         if status != 200:
-            if status == 429 or status >= 500:
+            if status in (408, 425, 429) or status >= 500:
                 raise TransientError(
                     f"{shown}: HTTP {status} {resp.reason or ''}".rstrip(),
                     endpoint="media",
                     status=status,
-                    cause="429" if status == 429 else "5xx",
+                    cause=str(status) if status < 500 else "5xx",
                     retry_after=parse_retry_after(resp.headers.get("Retry-After")),
                 )
             raise MediaError(f"{shown}: HTTP {status} {resp.reason or ''}".rstrip())

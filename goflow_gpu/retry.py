@@ -211,12 +211,15 @@ async def call_with_retry(
     sleep: Callable[[float], Awaitable[None]] | None = None,
     rng: random.Random | None = None,
     stats: RetryStats | None = None,
+    stop: asyncio.Event | None = None,
 ) -> T:
     """Call ``fn(attempt)`` until it succeeds, fails permanently, or retries run out.
 
     Only errors for which :func:`is_retryable` is true are retried, at most ``policy.retries``
     times; anything else propagates at once. ``on_retry(attempt, exc, delay)`` is called before
-    each wait. ``sleep``, ``rng`` and ``stats`` are seams for tests and metrics.
+    each wait. ``stop``, when set, ends the retries: a failure while it is set, or a wait it
+    interrupts, raises the last error at once (a draining worker never sits out a backoff).
+    ``sleep``, ``rng`` and ``stats`` are seams for tests and metrics.
     """
     do_sleep = sleep or _default_sleep
     random_source = rng or _default_rng
@@ -227,6 +230,8 @@ async def call_with_retry(
             return await fn(attempt)
         except Exception as exc:
             if not is_retryable(exc) or not isinstance(exc, TransientError):
+                raise
+            if stop is not None and stop.is_set():
                 raise
             if attempt > policy.retries:
                 counters.exhausted[endpoint] += 1
@@ -251,5 +256,25 @@ async def call_with_retry(
             )
             if on_retry is not None:
                 on_retry(attempt, exc, delay)
-        await do_sleep(delay)
+            last = exc
+        if stop is None:
+            await do_sleep(delay)
+        elif not await _sleep_unless_stopped(do_sleep, delay, stop):
+            raise last
         attempt += 1
+
+
+async def _sleep_unless_stopped(
+    do_sleep: Callable[[float], Awaitable[None]], delay: float, stop: asyncio.Event
+) -> bool:
+    """Sleep ``delay`` seconds; False (at once) when ``stop`` is or gets set."""
+    if stop.is_set():
+        return False
+    nap = asyncio.ensure_future(do_sleep(delay))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([nap, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        nap.cancel()
+        stopped.cancel()
+    return not stop.is_set()

@@ -12,12 +12,14 @@ from collections.abc import Iterator, Mapping
 from goflow_gpu.client import GoFlowClient
 from goflow_gpu.engines import create_engine
 from goflow_gpu.engines.base import Engine
+from goflow_gpu.errors import ConfigError
 from goflow_gpu.events import Events
 from goflow_gpu.health import Readiness, api_call_hook, start_ops_server
 from goflow_gpu.job import JobOptions
 from goflow_gpu.logs import get_logger, register_secret
 from goflow_gpu.media import MediaFetcher, MediaLimits
 from goflow_gpu.metrics import Metrics
+from goflow_gpu.prompts import CatalogError, load_catalog
 from goflow_gpu.retry import RetryPolicy
 from goflow_gpu.settings import Settings
 from goflow_gpu.store import Store
@@ -26,17 +28,23 @@ from goflow_gpu.worker import Worker, WorkerResult
 log = get_logger(__name__)
 
 
-def job_options(settings: Settings, engine: Engine) -> JobOptions:
-    """The per-job knobs, from the settings and what the engine can take."""
+def job_options(settings: Settings, engine: Engine, *, burst: bool = True) -> JobOptions:
+    """The per-job knobs, from the settings and what the engine can take.
+
+    ``serve`` (``burst`` False) waits for an unavailable service forever; ``run`` waits up to
+    ``outage_patience`` and then exits "try again later"."""
     return JobOptions(
         qa_retries=settings.qa_retries,
         inference_slots=min(settings.max_in_flight, engine.max_in_flight),
         report_concurrency=settings.report_concurrency,
         min_pixels=settings.min_pixels,
         max_pixels=settings.max_pixels,
-        repost_pause=settings.repost_pause,
         keep_media=settings.keep_media,
-        max_post_rounds=settings.max_post_rounds,
+        outage_patience=settings.outage_patience if burst else None,
+        outage_backoff_min=settings.outage_backoff_min,
+        outage_backoff_max=settings.outage_backoff_max,
+        drain_timeout=settings.drain_timeout,
+        engine_retries=settings.engine_retries,
     )
 
 
@@ -77,6 +85,12 @@ async def run_worker(
     """
     api_key = settings.require_api_key()
     register_secret(api_key.get_secret_value())
+    try:
+        # Before anything is taken from the backend: a job must never meet a broken catalog.
+        catalog = load_catalog(settings.prompts_dir)
+    except CatalogError as exc:
+        raise ConfigError(f"the prompt catalog cannot be used: {exc}") from None
+    stop = stop if stop is not None else asyncio.Event()
     events = events or Events()
     metrics = Metrics()
     readiness = Readiness()
@@ -96,6 +110,7 @@ async def run_worker(
             api_key,
             policies=policies or {},
             on_call=api_call_hook(metrics, readiness),
+            stopping=stop,
         ) as client:
             fetcher = MediaFetcher(
                 store,
@@ -105,6 +120,7 @@ async def run_worker(
                     timeout=settings.media_timeout,
                 ),
                 concurrency=settings.download_concurrency,
+                stopping=stop,
             )
             log.info("loading engine", engine=engine.name, model=settings.model)
             await engine.start()
@@ -115,12 +131,14 @@ async def run_worker(
                     client=client,
                     engine=engine,
                     fetcher=fetcher,
-                    options=job_options(settings, engine),
+                    options=job_options(settings, engine, burst=burst),
                     prompts_dir=settings.prompts_dir,
                     poll_min=settings.poll_interval_min,
                     poll_max=settings.poll_interval_max,
                     stopping=stop,
                     events=events,
+                    catalog=catalog,
+                    on_outage=readiness.outage,
                 )
                 if handle_signals:
                     with _stop_on_signals(worker):

@@ -104,11 +104,30 @@ class Settings(BaseSettings):
     poll_interval_min: float = Field(default=2.0, gt=0)
     poll_interval_max: float = Field(default=60.0, gt=0)
     report_concurrency: int = Field(default=8, ge=1, le=64)
-    repost_pause: float = Field(
-        default=5.0, ge=0, description="pause before another round of a result POST's retries"
+    outage_patience: float = Field(
+        default=600.0,
+        ge=0,
+        description=(
+            "run: seconds a job waits for an unavailable backend or image host before the "
+            "process exits 75 (try again later, state kept); serve waits forever"
+        ),
     )
-    max_post_rounds: int = Field(
-        default=4, ge=1, description="rounds of retries before a result POST is given up"
+    outage_backoff_min: float = Field(
+        default=1.0, gt=0, description="first pause of a job whose backend or image host is down"
+    )
+    outage_backoff_max: float = Field(
+        default=60.0, gt=0, description="longest pause between probes of an unavailable service"
+    )
+    drain_timeout: float = Field(
+        default=20.0,
+        ge=0,
+        description="on SIGTERM: seconds in-flight inference may finish before it is aborted",
+    )
+    engine_retries: int = Field(
+        default=2,
+        ge=0,
+        le=10,
+        description="re-tries of a request the engine failed (not QA attempts)",
     )
     download_concurrency: int = Field(default=8, ge=1, le=64)
     max_image_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)

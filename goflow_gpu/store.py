@@ -156,6 +156,15 @@ MIGRATIONS: Final[tuple[tuple[str, str], ...]] = (
         );
         """,
     ),
+    (
+        "needs-attention",
+        """
+        ALTER TABLE jobs ADD COLUMN attention TEXT;
+        ALTER TABLE jobs ADD COLUMN attention_at REAL;
+        ALTER TABLE jobs ADD COLUMN put_resends INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE jobs ADD COLUMN closed_reason TEXT;
+        """,
+    ),
 )
 
 # Legal combination transitions: method name -> (states it may start from, state it leads to).
@@ -238,6 +247,15 @@ class JobRow:
     status_completed: str
     report: str
     report_body: dict[str, Any] | None
+    attention: str | None = None  # why the job is parked (needs-attention), None when not
+    attention_at: float | None = None
+    put_resends: int = 0  # status/report PUTs re-sent after an unknown outcome, across restarts
+    closed_reason: str | None = None  # why a job was closed without its report (abandoned)
+
+    @property
+    def parked(self) -> bool:
+        """Open but waiting for an operator (``state retry`` / ``state abandon``)."""
+        return self.state == "open" and self.attention is not None
 
 
 @dataclass(frozen=True)
@@ -441,45 +459,96 @@ class Store:
         log.info("job stored", project_id=project_id, combinations=len(combos))
 
     def job(self, project_id: str) -> JobRow | None:
-        """The stored job, or ``None`` if there is none with this id."""
-        rows = self._query("SELECT * FROM jobs WHERE project_id = ?", (project_id,))
+        """The stored job, or ``None`` if there is none with this id (compared canonically:
+        case-insensitive, so ``3FA8...`` finds ``3fa8...``)."""
+        rows = self._query(
+            "SELECT * FROM jobs WHERE project_id = lower(?) OR lower(project_id) = lower(?)",
+            (project_id, project_id),
+        )
         return _job_row(rows[0]) if rows else None
 
     def unfinished_jobs(self) -> list[str]:
-        """Project ids of open jobs, oldest first (resumed before any new job is taken)."""
+        """Project ids of open jobs that are not parked, oldest first (resumed before any new
+        job is taken)."""
         rows = self._query(
-            "SELECT project_id FROM jobs WHERE state = 'open' ORDER BY created_at, rowid"
+            "SELECT project_id FROM jobs WHERE state = 'open' AND attention IS NULL "
+            "ORDER BY created_at, rowid"
         )
         return [r["project_id"] for r in rows]
+
+    def parked_jobs(self) -> list[JobRow]:
+        """Open jobs parked as needs-attention, oldest first."""
+        return [
+            _job_row(r)
+            for r in self._query(
+                "SELECT * FROM jobs WHERE state = 'open' AND attention IS NOT NULL "
+                "ORDER BY created_at, rowid"
+            )
+        ]
+
+    def park_job(self, project_id: str, reason: str) -> None:
+        """Park an open job as needs-attention: it is not resumed until :meth:`rearm_job`."""
+        with self._tx(f"park job {project_id}") as conn:
+            job = self._job_in_tx(conn, project_id)
+            if job["state"] != "open":
+                raise StateError(f"job {project_id} is closed; it cannot be parked")
+            conn.execute(
+                "UPDATE jobs SET attention = ?, attention_at = ? WHERE project_id = ?",
+                (reason[:2000], time.time(), job["project_id"]),
+            )
+        log.warning("job parked: needs attention", project_id=project_id, reason=reason[:500])
+
+    def rearm_job(self, project_id: str) -> JobRow:
+        """Clear a parked job's attention so the next start resumes it (``state retry``)."""
+        with self._tx(f"re-arm job {project_id}") as conn:
+            job = self._job_in_tx(conn, project_id)
+            if job["state"] != "open":
+                raise StateError(f"job {project_id} is closed; there is nothing to retry")
+            conn.execute(
+                "UPDATE jobs SET attention = NULL, attention_at = NULL, put_resends = 0 "
+                "WHERE project_id = ?",
+                (job["project_id"],),
+            )
+        log.info("job re-armed", project_id=project_id)
+        found = self.job(project_id)
+        assert found is not None
+        return found
 
     def jobs(self) -> list[JobRow]:
         """Every stored job, oldest first."""
         return [_job_row(r) for r in self._query("SELECT * FROM jobs ORDER BY created_at, rowid")]
 
-    def close_job(self, project_id: str) -> None:
-        """Mark an open job closed (normally after its report was sent)."""
+    def close_job(self, project_id: str, reason: str | None = None) -> None:
+        """Mark an open job closed: normally after its report was sent; with ``reason`` when it
+        is closed without one (abandoned by the backend or by an operator)."""
         with self._tx(f"close job {project_id}") as conn:
             job = self._job_in_tx(conn, project_id)
             if job["state"] != "open":
                 raise StateError(f"job {project_id} is already closed")
             conn.execute(
-                "UPDATE jobs SET state = 'closed', closed_at = ? WHERE project_id = ?",
-                (time.time(), project_id),
+                "UPDATE jobs SET state = 'closed', closed_at = ?, closed_reason = ? "
+                "WHERE project_id = ?",
+                (time.time(), reason, job["project_id"]),
             )
-        log.info("job closed", project_id=project_id)
+        log.info("job closed", project_id=project_id, reason=reason)
 
     def _job_in_tx(self, conn: sqlite3.Connection, project_id: str) -> sqlite3.Row:
-        row = conn.execute("SELECT * FROM jobs WHERE project_id = ?", (project_id,)).fetchone()
+        row = conn.execute(
+            "SELECT * FROM jobs WHERE project_id = lower(?) OR lower(project_id) = lower(?)",
+            (project_id, project_id),
+        ).fetchone()
         if row is None:
             raise StateError(f"unknown job {project_id}")
         return row  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ statuses and report
 
-    def mark_status(self, project_id: str, status: str, phase: str) -> None:
+    def mark_status(self, project_id: str, status: str, phase: str) -> int:
         """Record the intent to send a project status, or that it was sent (at most once each).
 
         ``completed`` requires ``processing`` sent and every combination reported or rejected.
+        Recording ``intent`` over an ``intent`` (a re-send after an unknown outcome) counts in
+        ``put_resends``; returns that count, so callers can bound re-sends across restarts.
         """
         if status not in ("processing", "completed"):
             raise StateError(f"unknown project status {status!r}")
@@ -502,14 +571,19 @@ class Store:
                         f"status completed of job {project_id} while {left} combinations "
                         "are not reported yet"
                     )
+            resends = job["put_resends"] + (job[column] == phase == "intent")
             conn.execute(
-                f"UPDATE jobs SET {column} = ? WHERE project_id = ?",  # noqa: S608 - fixed names
-                (phase, project_id),
+                f"UPDATE jobs SET {column} = ?, put_resends = ? "  # noqa: S608 - fixed names
+                "WHERE project_id = ?",
+                (phase, resends, job["project_id"]),
             )
         log.info("status recorded", project_id=project_id, status=status, phase=phase)
+        return int(resends)
 
-    def mark_report(self, project_id: str, phase: str, body: dict[str, Any] | None = None) -> None:
-        """Record the report's intent (with its body, kept for a re-send) or that it was sent."""
+    def mark_report(self, project_id: str, phase: str, body: dict[str, Any] | None = None) -> int:
+        """Record the report's intent (with its body, kept for a re-send) or that it was sent.
+
+        Returns ``put_resends`` like :meth:`mark_status`."""
         with self._tx(f"report {phase} for job {project_id}") as conn:
             job = self._job_in_tx(conn, project_id)
             _check_phase(f"report of job {project_id}", job["report"], phase)
@@ -519,11 +593,13 @@ class Store:
                 if body is None and job["report_body"] is None:
                     raise StateError(f"report intent of job {project_id} needs the report body")
             text = _dumps(body) if body is not None else job["report_body"]
+            resends = job["put_resends"] + (job["report"] == phase == "intent")
             conn.execute(
-                "UPDATE jobs SET report = ?, report_body = ? WHERE project_id = ?",
-                (phase, text, project_id),
+                "UPDATE jobs SET report = ?, report_body = ?, put_resends = ? WHERE project_id = ?",
+                (phase, text, resends, job["project_id"]),
             )
         log.info("report recorded", project_id=project_id, phase=phase)
+        return int(resends)
 
     # ------------------------------------------------------------------ combinations
 
@@ -878,11 +954,12 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
 
 
 def _project_id_of(manifest_raw: dict[str, Any]) -> str:
+    """The job's key: ``project.id`` in canonical (lower-case) form, whatever the server's case."""
     project = manifest_raw.get("project") if isinstance(manifest_raw, dict) else None
     pid = project.get("id") if isinstance(project, dict) else None
     if not isinstance(pid, str) or not pid:
         raise StateError("create_job: the manifest has no project.id")
-    return pid
+    return pid.lower()
 
 
 def _check_phase(what: str, current: str, phase: str) -> None:
@@ -926,6 +1003,10 @@ def _job_row(r: sqlite3.Row) -> JobRow:
         status_completed=r["status_completed"],
         report=r["report"],
         report_body=json.loads(r["report_body"]) if r["report_body"] is not None else None,
+        attention=r["attention"],
+        attention_at=r["attention_at"],
+        put_resends=r["put_resends"],
+        closed_reason=r["closed_reason"],
     )
 
 

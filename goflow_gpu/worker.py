@@ -4,10 +4,18 @@
 burst mode: it processes jobs until next-job says there is none, then returns. Unfinished jobs in
 the local state are always resumed before a new job is taken.
 
-Exit codes (``WorkerResult.exit_code``): 0 all jobs done (or drained on a signal), 1 a job had to
-be skipped (its manifest failed validation) or abandoned (the backend forgot its project), or
-work was left unfinished; 3 the backend refused the key (raised as
-:class:`~goflow_gpu.errors.AuthenticationError` for the CLI to map).
+Exit codes (``WorkerResult.exit_code``): 0 all jobs done (or drained on a signal); 1 a job had
+to be skipped (its manifest failed validation), abandoned (the backend forgot its project) or
+parked (a status/report PUT was refused: ``goflow-gpu state show`` says why); 75 (EX_TEMPFAIL)
+work is unfinished because the backend or an image host stayed down past ``outage_patience``:
+try again later, the state is kept and the next start resumes. The backend refusing the key is
+raised as :class:`~goflow_gpu.errors.AuthenticationError` for the CLI to map (3), a dead engine
+as :class:`~goflow_gpu.errors.EngineError` (5).
+
+Nothing may fail between next-job's 200 and the job being stored: the prompt catalog is loaded
+and checked before the first poll (a broken one stops the start); it is re-read between jobs,
+and a broken re-read keeps the last good catalog. Any failure after a job was received stores
+the manifest first (as refused, with the reason), so a job is never silently dropped.
 """
 
 from __future__ import annotations
@@ -24,16 +32,20 @@ from typing import Any
 from goflow_gpu.client import GoFlowClient
 from goflow_gpu.engines.base import Engine
 from goflow_gpu.errors import (
+    ApiError,
+    AuthenticationError,
+    GoFlowError,
     ManifestError,
     NoJobAvailable,
     NotFoundError,
-    ProtocolError,
+    StateError,
     TransientError,
 )
 from goflow_gpu.events import Events
-from goflow_gpu.job import JobOptions, JobOutcome, JobRunner
+from goflow_gpu.job import JobOptions, JobOutcome, JobParked, JobRunner
 from goflow_gpu.logs import bind, get_logger
 from goflow_gpu.media import MediaFetcher
+from goflow_gpu.patience import Outage, OutageHook, PatienceExhausted, Stopped
 from goflow_gpu.prompts import Catalog, load_catalog
 from goflow_gpu.protocol import Manifest, parse_manifest
 from goflow_gpu.store import PlannedCombo, Store
@@ -84,6 +96,7 @@ class WorkerResult:
     job_runs: int = 0
     closed: int = 0
     abandoned: int = 0
+    parked: int = 0
     skipped: int = 0
     unfinished: int = 0
     drained: bool = False
@@ -94,11 +107,17 @@ class WorkerResult:
         self.job_runs += 1
         self.closed += outcome.closed
         self.abandoned += outcome.abandoned
+        self.parked += outcome.parked
 
     @property
     def exit_code(self) -> int:
-        trouble = self.skipped or self.abandoned or (self.unfinished and not self.drained)
-        return 1 if trouble else 0
+        if self.unfinished and not self.drained:
+            return EXIT_TRY_LATER
+        return 1 if (self.skipped or self.abandoned or self.parked) else 0
+
+
+#: ``run`` left work unfinished because a service stayed down: try again later (EX_TEMPFAIL).
+EXIT_TRY_LATER = 75
 
 
 class Worker:
@@ -119,6 +138,8 @@ class Worker:
         rng: random.Random | None = None,
         stopping: asyncio.Event | None = None,
         events: Events | None = None,
+        catalog: Catalog | None = None,
+        on_outage: OutageHook | None = None,
     ) -> None:
         self.store = store
         self.client = client
@@ -132,6 +153,9 @@ class Worker:
         self.rng = rng or random.Random()
         self.stopping = stopping if stopping is not None else asyncio.Event()
         self.events = events or Events()
+        self.on_outage = on_outage
+        # Loaded before the first poll: a broken catalog must stop the start, not a taken job.
+        self.catalog = catalog if catalog is not None else load_catalog(prompts_dir)
 
     def stop(self) -> None:
         """Ask the worker to drain: no new jobs or requests; in-flight work is reported."""
@@ -145,20 +169,39 @@ class Worker:
         idle = 0
         refused: set[bytes] = set()  # digests of the invalid manifests seen in this run
         refused_again = 0
+        # next-job outages: serve waits forever, run up to the patience (then exit 75).
+        polls = Outage(
+            "backend",
+            stopping=self.stopping,
+            patience=self.options.outage_patience if burst else None,
+            base=self.options.outage_backoff_min,
+            cap=self.options.outage_backoff_max,
+            on_change=self.on_outage,
+        )
         while not self.stopping.is_set():
             resumable = self.store.unfinished_jobs()
             if resumable:
                 outcome = await self._run_job(resumable[0])
                 result.add(outcome)
-                if not outcome.closed and not self.stopping.is_set():
+                if outcome.waited_out or (not outcome.closed and not outcome.parked):
+                    if self.stopping.is_set():
+                        continue
                     if burst:
-                        # Backend trouble outlasted every retry: leave it for the next start.
+                        # A service outage outlasted the patience: leave it for the next start.
                         result.unfinished += 1
                         break
                     await self._interruptible_sleep(self.poll_min)
                 continue
             try:
-                raw = await self.client.next_job()
+                raw = await polls.call(self.client.next_job, what="GET next-job")
+            except Stopped:
+                break
+            except PatienceExhausted as exc:
+                log.error(
+                    "next-job unavailable past the patience: try again later", reason=str(exc)
+                )
+                result.unfinished += 1
+                break
             except NoJobAvailable:
                 if burst:
                     log.info("no job available: burst finished")
@@ -166,12 +209,19 @@ class Worker:
                 idle += 1
                 await self._interruptible_sleep(self._idle_delay(idle))
                 continue
-            except (TransientError, ProtocolError) as exc:
-                # A broken answer is logged and polled again later like an outage: restarting
-                # the process (a crash loop) would not fix the backend.
-                log.warning("next-job failed", reason=getattr(exc, "cause", None) or str(exc))
+            except AuthenticationError:
+                raise
+            except ApiError as exc:
+                # A refusal or a broken answer: the backend's trouble. Restarting the process
+                # (a crash loop) would not fix it; poll again later like after an outage.
+                log.error(
+                    "next-job failed; polling again later",
+                    http_status=exc.status,
+                    error=str(exc)[:500],
+                )
                 if burst:
-                    raise
+                    result.unfinished += 1
+                    break
                 idle += 1
                 await self._interruptible_sleep(self._idle_delay(idle))
                 continue
@@ -209,9 +259,13 @@ class Worker:
 
     def _accept(self, raw: Any) -> str:
         """Validate and persist a new job: ``accepted``, ``invalid`` (manifest skipped and kept
-        for inspection) or ``closed`` (this worker already finished that job)."""
+        for inspection) or ``closed`` (this worker already finished that job).
+
+        Nothing between next-job's answer and the job being stored may lose the job: any
+        failure here keeps the manifest with the reason (``state show`` lists it).
+        """
         try:
-            manifest = parse_manifest(raw)
+            return self._store_job(raw)
         except ManifestError as exc:
             self.store.record_rejected_manifest(raw, str(exc))
             log.error(
@@ -219,6 +273,16 @@ class Worker:
                 problems=[f"{loc}: {msg} (got {val!r:.80})" for loc, val, msg in exc.problems],
             )
             return "invalid"
+        except (GoFlowError, ValueError, KeyError, TypeError) as exc:
+            reason = f"could not store the job: {type(exc).__name__}: {exc}"
+            self.store.record_rejected_manifest(raw, reason[:2000])
+            log.error("job skipped: kept as refused", reason=reason[:500])
+            if isinstance(exc, StateError):
+                raise  # the state itself is unusable: stop, the manifest is kept if it could be
+            return "invalid"
+
+    def _store_job(self, raw: Any) -> str:
+        manifest = parse_manifest(raw)
         with bind(project_id=manifest.project.id):
             log.info(
                 "job retrieved",
@@ -230,7 +294,7 @@ class Worker:
                 media_ids=[m.id for m in manifest.media],
                 analysis_ids=[a.id for a in manifest.analyses],
             )
-            known = self.store.job(manifest.project.id)
+            known = self.store.job(manifest.project.id)  # canonical: any case matches
             if known is not None and known.state == "closed":
                 log.error(
                     "job skipped: this worker already closed it; not running it twice",
@@ -239,13 +303,21 @@ class Worker:
                 return "closed"
             if known is not None:
                 # An open job we already hold; our state is the truth and the loop resumes it.
-                log.warning("job already known locally: resuming it")
+                log.warning("job already known locally: resuming it", parked=known.parked)
                 return "accepted"
-            catalog = load_catalog(self.prompts_dir)  # reloaded between jobs, never inside one
-            combos = plan_job(manifest, catalog)
+            combos = plan_job(manifest, self._fresh_catalog())
             self.store.create_job(raw, combos)
             log.info("job persisted", combinations=len(combos))
         return "accepted"
+
+    def _fresh_catalog(self) -> Catalog:
+        """The catalog re-read between jobs (prompt edits ship without a restart); a broken
+        re-read keeps the last good catalog and logs why."""
+        try:
+            self.catalog = load_catalog(self.prompts_dir)
+        except GoFlowError as exc:
+            log.error("prompt catalog re-read failed; keeping the last good one", error=str(exc))
+        return self.catalog
 
     async def _run_job(self, project_id: str) -> JobOutcome:
         runner = JobRunner(
@@ -257,15 +329,31 @@ class Worker:
             options=self.options,
             stopping=self.stopping,
             events=self.events,
+            on_outage=self.on_outage,
         )
         try:
             return await runner.run()
+        except PatienceExhausted as exc:
+            with bind(project_id=project_id):
+                log.error(
+                    "job unfinished: a service stayed down past the patience", reason=str(exc)
+                )
+            return self._interrupted(project_id, waited_out=True)
         except TransientError as exc:
             with bind(project_id=project_id):
                 log.warning("job interrupted by backend trouble; will resume", reason=exc.cause)
-            self._run_ended(project_id)
-            rows = self.store.counts(project_id)
-            return JobOutcome(project_id, False, sum(rows.values()), 0, 0, 0.0)
+            return self._interrupted(project_id)
+        except JobParked as exc:
+            self.store.park_job(project_id, str(exc))
+            with bind(project_id=project_id):
+                log.error(
+                    "job parked: needs attention (goflow-gpu state show / state retry / "
+                    "state abandon); moving on",
+                    reason=str(exc)[:500],
+                )
+            outcome = self._interrupted(project_id)
+            outcome.parked = True
+            return outcome
         except NotFoundError as exc:
             # The backend no longer knows the project (status or report answered 404): the job
             # can never complete, and resuming it first on every start would block the node.
@@ -275,13 +363,18 @@ class Worker:
                     endpoint=exc.endpoint,
                     detail=str(exc.detail)[:500],
                 )
-            self.store.close_job(project_id)
+            self.store.close_job(project_id, reason=f"abandoned: {exc}"[:1000])
             self._run_ended(project_id, closed=True)
             rows = self.store.counts(project_id)
             return JobOutcome(project_id, True, sum(rows.values()), 0, 0, 0.0, abandoned=True)
         except BaseException:
             self._run_ended(project_id)
             raise
+
+    def _interrupted(self, project_id: str, *, waited_out: bool = False) -> JobOutcome:
+        self._run_ended(project_id)
+        rows = self.store.counts(project_id)
+        return JobOutcome(project_id, False, sum(rows.values()), 0, 0, 0.0, waited_out=waited_out)
 
     def _run_ended(self, project_id: str, *, closed: bool = False) -> None:
         """The runner ends a job's events only when it finishes normally; observers (metrics)

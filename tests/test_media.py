@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from PIL import Image, ImageDraw
 
-from goflow_gpu.errors import ConfigError, MediaError, StateError
+from goflow_gpu.errors import ConfigError, MediaError, StateError, TransientError
 from goflow_gpu.media import FetchedImage, MediaFetcher, MediaLimits
 from goflow_gpu.protocol import Media
 from goflow_gpu.retry import RetryPolicy
@@ -502,16 +502,31 @@ def test_redirect_to_another_scheme_is_refused(store: Store) -> None:
     assert "scheme 'ftp'" in reason
 
 
-def test_timeout(store: Store) -> None:
+def transient(
+    store: Store, path: str, limits: MediaLimits = LIMITS
+) -> tuple[TransientError, Origin]:
+    """A fetch that fails in a passing way: TransientError (the job waits the host out), never
+    a MediaError, and nothing recorded as the image's failure."""
+    origin = Origin()
+    with pytest.raises(TransientError) as info:
+        run(fetch_one(store, origin, path, limits))
+    assert store.conn.execute("SELECT COUNT(*) FROM media").fetchone()[0] == 0
+    assert list((store.path.parent / "media").rglob("*.part-*")) == []  # no temp file left
+    return info.value, origin
+
+
+def test_timeout_is_transient_not_a_bad_image(store: Store) -> None:
     limits = MediaLimits(max_bytes=200_000, max_pixels=1_000_000, timeout=0.2)
-    reason, origin, _ = failure(store, "/slow.jpg", limits)
-    assert reason.endswith("/slow.jpg: timed out after 0.2 s")
+    error, origin = transient(store, "/slow.jpg", limits)
+    assert str(error).endswith("/slow.jpg: timed out after 0.2 s")
+    assert error.cause == "timeout"
     assert origin.hits["/slow.jpg"] == 3  # first try + FAST_RETRY's 2 retries
 
 
-def test_persistent_5xx_gives_up_after_the_retries(store: Store) -> None:
-    reason, origin, _ = failure(store, "/down.jpg")
-    assert reason.endswith("/down.jpg: HTTP 500 Internal Server Error")
+def test_persistent_5xx_is_transient_after_the_retries(store: Store) -> None:
+    error, origin = transient(store, "/down.jpg")
+    assert str(error).endswith("/down.jpg: HTTP 500 Internal Server Error")
+    assert (error.status, error.cause) == (500, "5xx")
     assert origin.hits["/down.jpg"] == 3
 
 
@@ -530,7 +545,7 @@ def test_a_failed_image_is_tried_again_later(store: Store) -> None:
             no_retry = RetryPolicy(retries=0)
             fetcher = MediaFetcher(store, LIMITS, retry_policy=no_retry)
             try:
-                with pytest.raises(MediaError, match="HTTP 503"):
+                with pytest.raises(TransientError, match="HTTP 503"):
                     await fetcher.fetch(PROJECT, m, "optimised")
                 return await fetcher.fetch(PROJECT, m, "optimised")
             finally:

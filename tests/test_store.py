@@ -142,7 +142,10 @@ def test_open_creates_wal_database_with_migrations(tmp_path: Path) -> None:
     raw = sqlite3.connect(state / "state.db")
     try:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("SELECT id, name FROM schema_migrations").fetchall() == [(1, "initial")]
+        assert raw.execute("SELECT id, name FROM schema_migrations").fetchall() == [
+            (1, "initial"),
+            (2, "needs-attention"),
+        ]
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"jobs", "combos", "media", "rejected_manifests"} <= tables
     finally:

@@ -40,7 +40,7 @@ def settings_for(sim: Simulator, state: Path, **extra: Any) -> Settings:
         state_dir=state,
         poll_interval_min=0.01,
         poll_interval_max=0.05,
-        **extra,
+        **{"outage_patience": 30.0, **extra},  # a bug must not hang a test for 10 minutes
     )
 
 
@@ -74,7 +74,9 @@ def test_full_job_reported_exactly_once(tmp_path: Path, media: int, analyses: in
             assert details["total_media_processed"] == media
             assert details["success_rate"] == 1.0
             # media-major: all analyses of the first image were asked before the second image
-            first_media = [r.group_key[0] for r in engine.history[:analyses]]
+            # (first asks; a QA re-ask comes when its answer failed, after others started)
+            firsts = [r for r in engine.history if r.request_id.endswith(":1")]
+            first_media = [r.group_key[0] for r in firsts[:analyses]]
             assert len(set(first_media)) == 1
             # every body carries the exact prompts and the model label
             body = next(iter(got.values()))[0]
@@ -85,10 +87,13 @@ def test_full_job_reported_exactly_once(tmp_path: Path, media: int, analyses: in
         with Store.open(tmp_path) as store:
             job = store.job(project)
             assert job is not None and job.state == "closed"
-            assert (
-                set(store.counts(project)) <= {"reported"}
-                or store.counts(project).get("reported") == media * analyses
-            )
+            assert store.counts(project) == {
+                "pending": 0,
+                "ready": 0,
+                "posting": 0,
+                "reported": media * analyses,
+                "rejected": 0,
+            }
 
     run(go)
 
@@ -125,7 +130,8 @@ def test_faults_during_a_20x25_job_keep_exactly_once(tmp_path: Path) -> None:
 
 
 def test_media_faults_fail_their_combinations_and_the_rest_completes(tmp_path: Path) -> None:
-    media_faults = {0: "404", 1: "html", 2: "truncated", 3: "bomb", 4: "oversized"}
+    # Permanent faults only: a cut connection ("truncated") is transient and waited out.
+    media_faults = {0: "404", 1: "html", 2: "corrupt", 3: "bomb", 4: "oversized"}
 
     async def go() -> None:
         async with Simulator(api_key=KEY, seed=9) as sim:
@@ -136,7 +142,7 @@ def test_media_faults_fail_their_combinations_and_the_rest_completes(tmp_path: P
             project = manifest["project"]["id"]
             ids = [m["id"] for m in manifest["media"]]
             got = accepted(sim, project)
-            expected_words = {0: "404", 1: "text/html", 2: "", 3: "pixel", 4: "bytes"}
+            expected_words = {0: "404", 1: "text/html", 2: "corrupt", 3: "pixel", 4: "bytes"}
             for index, word in expected_words.items():
                 bodies = [v[0] for k, v in got.items() if k[1] == ids[index]]
                 assert len(bodies) == 3
@@ -302,7 +308,7 @@ def test_a_project_the_backend_forgot_is_abandoned_and_the_next_job_runs(tmp_pat
     run(go)
 
 
-def test_a_result_the_backend_never_takes_is_given_up_visibly_and_the_job_ends(
+def test_a_result_route_that_stays_down_is_never_given_up_run_exits_75_and_resumes(
     tmp_path: Path,
 ) -> None:
     faults = Faults(seed=1, routes={"result": FaultSpec(rate_503=1.0)})
@@ -311,19 +317,25 @@ def test_a_result_the_backend_never_takes_is_given_up_visibly_and_the_job_ends(
         async with Simulator(api_key=KEY, seed=14, faults=faults) as sim:
             manifest = sim.add_job(media=1, analyses=2)
             project = manifest["project"]["id"]
-            settings = settings_for(sim, tmp_path, repost_pause=0.01, max_post_rounds=2)
+            settings = settings_for(sim, tmp_path, outage_patience=0.3, outage_backoff_min=0.05)
             result = await run_worker(
                 settings, burst=True, engine=ScriptedEngine(), handle_signals=False
             )
-            assert result.exit_code == 0
+            assert result.exit_code == 75  # EX_TEMPFAIL: try again later
+            assert result.unfinished == 1
             assert accepted(sim, project) == {}
-            assert sim.ledger.statuses[project] == ["processing", "completed"]
-            (report,) = sim.ledger.reports[project]
-            failures = report["report"]["details"]["failures"]
-            assert len(failures) == 2
-            assert all("gave up after 2 rounds" in f["server_detail"] for f in failures)
-            posts = [c for c in sim.ledger.calls if c["route"] == "result"]
-            assert len(posts) == 2 * 2 * (1 + 3)  # combinations x rounds x (1 + 3 retries)
+            assert sim.ledger.statuses[project] == ["processing"]  # no "completed" yet
+            assert not sim.ledger.reports.get(project)
+            with Store.open(tmp_path) as store:
+                counts = store.counts(project)
+                assert counts["rejected"] == 0 and counts["reported"] == 0
+                assert counts["posting"] == 2  # kept, outcome unknown
+            sim.set_faults(None)  # the backend is back
+            again = await run_worker(
+                settings, burst=True, engine=ScriptedEngine(), handle_signals=False
+            )
+            assert again.exit_code == 0
+            assert sim.ledger.check_job(manifest) == []
 
     run(go)
 
