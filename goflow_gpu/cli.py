@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from goflow_gpu import progress
@@ -37,6 +39,9 @@ from goflow_gpu.prompts.cli import app as prompts_app
 from goflow_gpu.settings import Settings, load_settings
 from goflow_gpu.simulator.cli import register as register_simulate
 
+if TYPE_CHECKING:
+    from goflow_gpu.store import JobRow, Store
+
 app = typer.Typer(
     name="goflow-gpu",
     help=(
@@ -51,7 +56,12 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-state_app = typer.Typer(help="Inspect the local state (jobs, progress, rejected manifests).")
+state_app = typer.Typer(
+    help=(
+        "Inspect the local state (jobs, progress, rejected manifests); retry or abandon jobs "
+        "parked as needs-attention."
+    )
+)
 app.add_typer(state_app, name="state")
 app.add_typer(prompts_app, name="prompts")
 app.add_typer(dev_app, name="dev")
@@ -200,36 +210,246 @@ def run(
     )
 
 
+ProjectArg = Annotated[
+    str,
+    typer.Argument(
+        help="Project id of the job (a UUID; any case), as listed by `goflow-gpu state show`.",
+        show_default=False,
+    ),
+]
+
+
+def _utc(ts: float | None) -> str:
+    """A stored epoch time as a UTC ISO time (``?`` when missing)."""
+    if ts is None:
+        return "?"
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _usage_error(message: str) -> NoReturn:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _existing_store(config: Path | None, state_dir: Path | None) -> Iterator[tuple[Path, Store]]:
+    """Open the state of an existing state directory; never create an empty database.
+
+    Yields the state directory and the open store (which holds the directory lock). Exit 2
+    when ``state.db`` does not exist; the usual exit codes for bad settings (2) and for a state
+    that cannot be used or is locked by a running worker (4).
+    """
+    from goflow_gpu.store import DB_NAME, Store
+
+    with _errors():
+        settings = load_settings(config, state_dir=state_dir)
+        directory = settings.state_dir.expanduser().resolve()
+        db = directory / DB_NAME
+        if not db.is_file():
+            _usage_error(
+                f"no state database at {db} (none was created): pass --state-dir or --config "
+                "naming the worker's state directory"
+            )
+        with Store.open(directory) as store:
+            yield directory, store
+
+
+def _find_job(store: Store, directory: Path, project: str) -> JobRow:
+    """The stored job with this id (any case), or exit 2 naming the state dir searched."""
+    job = store.job(project.strip())
+    if job is None:
+        _usage_error(
+            f"no job {project} in the state at {directory}; "
+            "`goflow-gpu state show` lists the stored jobs"
+        )
+    return job
+
+
+def _closed_text(job: JobRow) -> str:
+    reason = f": {job.closed_reason}" if job.closed_reason else ""
+    return f"job {job.project_id} is closed (since {_utc(job.closed_at)}){reason}"
+
+
 @state_app.command("show")
 def state_show(
     config: ConfigOpt = None,
     state_dir: StateDirOpt = None,
 ) -> None:
-    """List the jobs in the local state with their progress (combinations by state)."""
-    from goflow_gpu.store import Store
+    """List the jobs in the local state with their progress (combinations by state).
 
-    with _errors():
-        settings = load_settings(config, state_dir=state_dir)
-        with Store.open(settings.state_dir) as store:
-            table = Table(title=f"jobs in {settings.state_dir}")
-            for column in ("project", "name", "state", "combos", "by state", "statuses", "report"):
-                table.add_column(column)
-            for job in store.jobs():
-                counts = store.counts(job.project_id)
-                project = job.manifest.get("project", {})
-                table.add_row(
-                    job.project_id,
-                    str(project.get("name", "?")),
-                    job.state,
-                    str(sum(counts.values())),
-                    ", ".join(f"{k} {v}" for k, v in counts.items() if v),
-                    f"processing:{job.status_processing} completed:{job.status_completed}",
-                    job.report,
+    A job shown as `needs-attention` is parked: the backend refused one of its status or
+    report PUTs, so the worker does not resume it by itself. Under the table each parked job is
+    listed with the full reason and since when (UTC); fix the cause, then run
+    `goflow-gpu state retry PROJECT`, or give it up with `goflow-gpu state abandon PROJECT`.
+    Jobs closed without their report (abandoned) are listed with why.
+
+    Exit 2 when the state directory holds no state database (none is created).
+    """
+    with _existing_store(config, state_dir) as (directory, store):
+        table = Table(title=f"jobs in {directory}")
+        for column in ("project", "name", "state", "combos", "by state", "statuses", "report"):
+            table.add_column(column)
+        jobs = store.jobs()
+        for job in jobs:
+            counts = store.counts(job.project_id)
+            project = job.manifest.get("project", {})
+            table.add_row(
+                job.project_id,
+                str(project.get("name", "?")),
+                "needs-attention" if job.parked else job.state,
+                str(sum(counts.values())),
+                ", ".join(f"{k} {v}" for k, v in counts.items() if v),
+                f"processing:{job.status_processing} completed:{job.status_completed}",
+                job.report,
+            )
+        out.print(table)
+        parked = [job for job in jobs if job.parked]
+        if parked:
+            out.print(
+                f"{len(parked)} job(s) need attention (not resumed until "
+                "`goflow-gpu state retry PROJECT` or `goflow-gpu state abandon PROJECT`):",
+                markup=False,
+                highlight=False,
+            )
+            for job in parked:
+                out.print(
+                    f"  {job.project_id} needs attention since {_utc(job.attention_at)}: "
+                    f"{job.attention}",
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,
                 )
-            out.print(table)
-            rejected = store.rejected_manifests()
-            if rejected:
-                out.print(f"{len(rejected)} rejected manifest(s) kept for inspection")
+        abandoned = [job for job in jobs if job.state == "closed" and job.closed_reason]
+        if abandoned:
+            out.print(
+                f"{len(abandoned)} job(s) closed without their report:",
+                markup=False,
+                highlight=False,
+            )
+            for job in abandoned:
+                out.print(
+                    f"  {job.project_id} closed {_utc(job.closed_at)}: {job.closed_reason}",
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,
+                )
+        rejected = store.rejected_manifests()
+        if rejected:
+            out.print(f"{len(rejected)} rejected manifest(s) kept for inspection")
+
+
+@state_app.command("retry")
+def state_retry(
+    project: ProjectArg,
+    config: ConfigOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Re-arm a job parked as needs-attention, so the next `goflow-gpu run`/`serve` resumes it.
+
+    A job is parked when the backend refused one of its status or report PUTs. Once the cause
+    is fixed (see the reason in `goflow-gpu state show`), retry clears the mark: the next start
+    resumes the job and re-sends the refused PUT. Nothing is sent now.
+
+    Exit 2, changing nothing, for an unknown project id, a closed job, or an open job that is
+    not parked (it resumes by itself). Run it while no worker uses the state directory (exit 4
+    otherwise).
+    """
+    with _existing_store(config, state_dir) as (directory, store):
+        job = _find_job(store, directory, project)
+        if job.state != "open":
+            _usage_error(f"{_closed_text(job)}; there is nothing to retry")
+        if not job.parked:
+            _usage_error(
+                f"job {job.project_id} is open and not parked: nothing to retry; "
+                "the next `goflow-gpu run`/`serve` resumes it by itself"
+            )
+        store.rearm_job(job.project_id)
+        out.print(
+            f"job {job.project_id} re-armed: the next `goflow-gpu run`/`serve` resumes it; "
+            "it re-sends the refused PUT",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        out.print(
+            f"  it was parked since {_utc(job.attention_at)}: {job.attention}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@state_app.command("abandon")
+def state_abandon(
+    project: ProjectArg,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    reason: Annotated[
+        str | None,
+        typer.Option(help="Why, kept in the state as the job's closed reason.", show_default=False),
+    ] = None,
+    config: ConfigOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Close an open job locally, without sending anything to the backend.
+
+    For a parked job that cannot be fixed, or a job the backend no longer wants. The job is
+    marked closed with the reason "abandoned by operator: ..." and is never resumed; results
+    already reported stay reported, the others are never sent, and no status or report PUT is
+    sent (the backend's view of the project is left as it is). Asks for confirmation unless
+    --yes; without a terminal, pass --yes.
+
+    Exit 2, changing nothing, for an unknown project id, a job already closed, or no
+    confirmation; exit 1 when the confirmation is declined.
+    """
+    with _existing_store(config, state_dir) as (directory, store):
+        job = _find_job(store, directory, project)
+        if job.state != "open":
+            _usage_error(f"{_closed_text(job)}; there is nothing to abandon")
+        counts = store.counts(job.project_id)
+    summary = ", ".join(f"{k} {v}" for k, v in counts.items())
+    if not yes:
+        parked = f" (needs attention: {job.attention})" if job.parked else ""
+        out.print(
+            f"job {job.project_id}{parked}: combinations {summary}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        try:
+            confirmed = typer.confirm(
+                f"Abandon job {job.project_id}? It is closed locally and never resumed; "
+                "nothing is sent to the backend"
+            )
+        except typer.Abort:
+            _usage_error(
+                "no confirmation (no terminal or input, or interrupted): nothing changed; "
+                "pass --yes to abandon without a prompt"
+            )
+        if not confirmed:
+            out.print(f"job {job.project_id} not abandoned: nothing changed", highlight=False)
+            raise typer.Exit(1)
+    why = reason.strip() if reason and reason.strip() else "`goflow-gpu state abandon`"
+    if job.parked:
+        why += f" (it was parked: {job.attention})"
+    # Re-open: the lock is not held while waiting for the answer, so check the job again.
+    with _existing_store(config, state_dir) as (directory, store):
+        job = _find_job(store, directory, project)
+        if job.state != "open":
+            _usage_error(f"{_closed_text(job)}; there is nothing to abandon")
+        store.close_job(job.project_id, reason=f"abandoned by operator: {why}")
+        counts = store.counts(job.project_id)
+    out.print(
+        f"job {job.project_id} abandoned: closed locally, it is never resumed. Nothing was "
+        "sent to the backend.",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    out.print(
+        "combinations: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
+        markup=False,
+        highlight=False,
+    )
 
 
 @app.command()

@@ -27,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from goflow_gpu.errors import GoFlowError, TransientError
+from goflow_gpu.errors import ApiError, GoFlowError, MediaError, TransientError
 from goflow_gpu.logs import get_logger
 
 __all__ = ["Outage", "PatienceExhausted", "Stopped"]
@@ -116,6 +116,9 @@ class Outage:
                     raise Stopped from None
                 self.check_patience()
                 continue
+            except (ApiError, MediaError):
+                self.recovered()  # a definite answer: the service is up (it said no)
+                raise
             else:
                 self.recovered()
                 return result

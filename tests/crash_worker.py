@@ -16,7 +16,8 @@ SIGKILL itself at a chosen point.
 
 The ``cli`` form runs the real ``goflow-gpu`` command line with the scripted engine in place of
 the configured one (no model is loaded), for exit-code tests. The key comes from
-GOFLOW_API_KEY like in production; ENGINE_DELAY slows the scripted engine down.
+GOFLOW_API_KEY like in production; ENGINE_DELAY slows the scripted engine down, ENGINE_SLOTS
+sets how many requests it takes at once, REAL_SLEEPS=1 keeps retry sleeps real (timing tests).
 """
 
 from __future__ import annotations
@@ -155,7 +156,10 @@ def arm_point(point: str) -> None:
 
 
 def scripted_engine() -> ScriptedEngine:
-    return ScriptedEngine(delay=float(os.environ.get("ENGINE_DELAY", "0.001")), slots=4)
+    return ScriptedEngine(
+        delay=float(os.environ.get("ENGINE_DELAY", "0.001")),
+        slots=int(os.environ.get("ENGINE_SLOTS", "4")),
+    )
 
 
 def run_cli(args: list[str]) -> int:
@@ -166,7 +170,7 @@ def run_cli(args: list[str]) -> int:
         return scripted_engine()
 
     setattr(service, "create_engine", create_engine)  # noqa: B010 - the one swap this harness makes
-    retry.set_testing(True)
+    retry.set_testing(os.environ.get("REAL_SLEEPS") != "1")
     sys.argv = ["goflow-gpu", *args]
     try:
         cli.main()

@@ -425,3 +425,76 @@ def test_a_failure_after_next_job_keeps_the_job_as_refused(
             assert "KeyError" in kept["error"]
 
     run(go)
+
+
+# -- 5. bounded drain: SIGTERM to a real `serve` process ------------------------------------------
+
+HARNESS = Path(__file__).with_name("crash_worker.py")
+
+
+@pytest.mark.parametrize(
+    ("drain_timeout", "outage", "limit"),
+    [
+        (20.0, True, 20.0 + 5.0),  # the bound: drain_timeout + 5 s, during an outage
+        (1.0, False, 3.0),  # shorter than one 3 s request: in-flight requests are aborted
+    ],
+)
+def test_sigterm_with_64_slow_requests_in_flight_exits_0_in_bounded_time(
+    tmp_path: Path, drain_timeout: float, outage: bool, limit: float
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from goflow_gpu.simulator import SimulatorThread
+
+    env = dict(
+        os.environ,
+        GOFLOW_API_KEY=KEY,
+        ENGINE_DELAY="3",  # a 3 s-per-request model
+        ENGINE_SLOTS="64",
+        REAL_SLEEPS="1",
+        GOFLOW_MAX_IN_FLIGHT="64",
+        GOFLOW_DRAIN_TIMEOUT=str(drain_timeout),
+        GOFLOW_OUTAGE_BACKOFF_MIN="2",
+        GOFLOW_LOG_FORMAT="json",
+    )
+    with SimulatorThread(Simulator(api_key=KEY, seed=40)) as sim:
+        manifest = sim.add_job(media=4, analyses=25)
+        project = manifest["project"]["id"]
+        if outage:
+            sim.add_outage("result", 600.0)  # the backend's result route is down throughout
+        command = [sys.executable, str(HARNESS), "cli", "serve"]
+        command += ["--base-url", sim.base_url, "--state-dir", str(tmp_path)]
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 60
+        while not sim.ledger_snapshot()["statuses"].get(project):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(1.0)  # the 64 slots are busy with 3 s requests now
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        took = time.monotonic() - signalled
+        assert proc.returncode == 0, stderr[-3000:]
+        assert took < limit, f"drain took {took:.1f} s (limit {limit} s)"
+        snapshot = sim.ledger_snapshot()
+        assert snapshot["statuses"][project] == ["processing"]
+        accepted = [v for k, v in snapshot["results"].items() if k.startswith(project)]
+        assert all(body["status"] == "completed" for bodies in accepted for body in bodies)
+        if outage:
+            assert accepted == []
+    with Store.open(tmp_path) as store:
+        counts = store.counts(project)
+        assert counts["rejected"] == 0
+        rows = store.combos(project)
+        assert all(row.attempts == 0 for row in rows)  # no aborted request used a QA attempt
+        if outage:
+            # Every in-flight request finished and its verdict is kept for the next start.
+            assert counts["ready"] + counts["posting"] >= 64
+        else:
+            assert counts["ready"] + counts["posting"] + counts["reported"] == 0
+            assert counts["pending"] == 100  # aborted requests left their rows untouched
