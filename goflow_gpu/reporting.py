@@ -83,6 +83,16 @@ def key_findings(rows: Sequence[ComboRow]) -> tuple[str, dict[str, Any]]:
     }
 
 
+def qa_retries_of(row: ComboRow) -> int:
+    """QA re-asks made for one combination: every failed attempt was followed by a re-ask,
+    except the last one of a combination that never passed (its tries ran out).
+
+    ``row.attempts`` counts failed QA attempts only (an engine error is not one)."""
+    if row.result_status == "completed":
+        return row.attempts
+    return max(0, row.attempts - 1)
+
+
 def build_report(
     manifest: Manifest,
     rows: Sequence[ComboRow],
@@ -93,18 +103,33 @@ def build_report(
     """The report body for a job whose combinations are all terminal and reported."""
     total = len(rows)
     completed = [r for r in rows if r.result_status == "completed" and r.state == "reported"]
-    failed = [r for r in rows if r not in completed]
+    failed = [r for r in rows if not (r.result_status == "completed" and r.state == "reported")]
+    # One pass over the rows (a 10,000-image job has 250,000 of them): per analysis id.
+    per_id: dict[str, dict[str, Any]] = {
+        a.id: {"completed": 0, "failed": 0, "retries": 0, "retried_then_passed": 0, "seconds": []}
+        for a in manifest.analyses
+    }
+    for row in rows:
+        stats = per_id.get(row.key.analysis_id)
+        if stats is None:
+            continue
+        passed = row.result_status == "completed" and row.state == "reported"
+        stats["completed" if passed else "failed"] += 1
+        stats["retries"] += qa_retries_of(row)
+        stats["retried_then_passed"] += passed and row.attempts > 0
+        if row.inference_seconds is not None:
+            stats["seconds"].append(row.inference_seconds)
     per_analysis: dict[str, dict[str, Any]] = {}
     for analysis in manifest.analyses:
-        mine = [r for r in rows if r.key.analysis_id == analysis.id]
-        ok = [r for r in mine if r in completed]
-        seconds = [r.inference_seconds for r in mine if r.inference_seconds is not None]
+        stats = per_id[analysis.id]
+        seconds = stats["seconds"]
         per_analysis[analysis.slug] = {
             "analysis_id": analysis.id,
             "name": analysis.name,
-            "completed": len(ok),
-            "failed": len(mine) - len(ok),
-            "qa_retries": sum(max(0, r.attempts - 1) for r in mine),
+            "completed": stats["completed"],
+            "failed": stats["failed"],
+            "qa_retries": stats["retries"],
+            "passed_after_retry": stats["retried_then_passed"],
             "mean_inference_seconds": round(sum(seconds) / len(seconds), 3) if seconds else None,
         }
     failures = [

@@ -1,8 +1,9 @@
 """Chaos soak: several 20 x 25 jobs in a row through the real worker against ONE faulty simulator.
 
 On the result route, all at once: 10% 503, 5% 429 with Retry-After, 3% connection resets, 2%
-answers slower than the client's timeout and 2% accept-then-drop; plus faults on next-job,
-status and report. The invariants are read from the simulator's ledger (what the backend
+answers slower than the client's timeout and 2% accept-then-drop, and in every job one
+correlated outage (the route answers 503 for 1.5 s, far past the client's retries); plus faults
+on next-job, status and report. The invariants are read from the simulator's ledger (what the backend
 accepted, in which order), never from the worker's own account:
 
 - every media x analysis combination accepted exactly once, nothing else accepted;
@@ -69,6 +70,17 @@ CHAOS = ";".join(
         "next-job:503=0.10,429=0.05,reset=0.05,slow=0.05,slow-seconds=1",
     ]
 )
+#: Seconds of each job's result-route outage (503 without Retry-After), far past the client's
+#: retries, so the job-level backoff has to wait it out.
+OUTAGE_SECONDS = 1.5
+
+
+def outages(jobs: int) -> list[str]:
+    """One result-route outage per job, opening 200 results into each job."""
+    per_job = MEDIA * ANALYSES
+    return [f"result:{OUTAGE_SECONDS}:after={job * per_job + 200}" for job in range(jobs)]
+
+
 SHORT_TIMEOUTS = {
     name: dataclasses.replace(policy, timeout=CLIENT_TIMEOUT)
     for name, policy in retry.POLICIES.items()
@@ -79,9 +91,11 @@ class SimulatorProcess:
     """``goflow-gpu simulate`` in a child process, so its ledger does not count as the worker's
     memory; jobs are queued and the ledger read through its admin routes."""
 
-    def __init__(self, faults: str, seed: int, log: Path) -> None:
+    def __init__(self, faults: str, seed: int, log: Path, outages: list[str] | None = None) -> None:
         command = [sys.executable, "-m", "goflow_gpu.simulator", "--port", "0", "--jobs", "0"]
         command += ["--faults", faults, "--seed", str(seed)]
+        for outage in outages or []:
+            command += ["--outage", outage]
         env = {**os.environ, "GOFLOW_API_KEY": KEY}
         # stderr to a file: a pipe nobody reads could fill up and stall the simulator.
         with log.open("wb") as errors:
@@ -191,7 +205,7 @@ def soak(tmp_path: Path, jobs: int) -> Figures:
         if event.kind == "job_finished":
             memory.append(tracemalloc.get_traced_memory()[0])
 
-    sim = SimulatorProcess(CHAOS, SEED, tmp_path / "simulator.log")
+    sim = SimulatorProcess(CHAOS, SEED, tmp_path / "simulator.log", outages(jobs))
     try:
         manifests = [sim.add_job() for _ in range(jobs)]
         settings = load_settings(
@@ -199,6 +213,9 @@ def soak(tmp_path: Path, jobs: int) -> Figures:
             state_dir=tmp_path / "state",
             poll_interval_min=0.01,
             poll_interval_max=0.05,
+            # Job-level backoff is real time (the instant-sleep switch covers only the client).
+            outage_backoff_min=0.1,
+            outage_backoff_max=0.5,
         )
         retry.STATS.reset()
         root.addHandler(recorder)
@@ -257,6 +274,8 @@ def check(figures: Figures) -> None:
     # The chaos really happened, every kind of it, on the result route and elsewhere.
     for kind in ("503", "429", "reset", "slow", "drop"):
         assert figures.faults[f"result:{kind}"] > 0, kind
+    # Each job's outage window opened and was waited out (answers with the outage's 503).
+    assert figures.faults["result:outage"] >= figures.jobs
     for route in ("status", "report", "next-job"):
         assert sum(n for k, n in figures.faults.items() if k.startswith(route + ":")) > 0, route
     for cause in ("5xx", "429", "network", "timeout"):

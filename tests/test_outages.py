@@ -479,6 +479,7 @@ def test_sigterm_with_64_slow_requests_in_flight_exits_0_in_bounded_time(
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
         took = time.monotonic() - signalled
+        print(f"drain: exit {proc.returncode} {took:.2f} s after SIGTERM (limit {limit} s)")
         assert proc.returncode == 0, stderr[-3000:]
         assert took < limit, f"drain took {took:.1f} s (limit {limit} s)"
         snapshot = sim.ledger_snapshot()

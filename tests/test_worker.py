@@ -190,6 +190,12 @@ def test_qa_failure_is_retried_with_reasons_then_reported_failed(tmp_path: Path)
             assert bodies["text-recognition"]["status"] == "completed"
             assert failed["analysisResult"]["attempts"] == 3
             assert any("json" in r.lower() for r in failed["analysisResult"]["reasons"])
+            per_analysis = sim.ledger.reports[project][0]["report"]["details"]["per_analysis"]
+            # 2 re-asks that never passed; 1 re-ask that passed (counted too).
+            assert per_analysis["object-detection"]["qa_retries"] == 2
+            assert per_analysis["object-detection"]["passed_after_retry"] == 0
+            assert per_analysis["text-recognition"]["qa_retries"] == 1
+            assert per_analysis["text-recognition"]["passed_after_retry"] == 1
         asked = [r for r in engine.history if "objects_detected" in json.dumps(r.json_schema)]
         assert len(asked) == 3  # 1 + 2 retries
         assert asked[0].user_prompt != asked[1].user_prompt  # reasons appended
