@@ -18,8 +18,8 @@ The rules, in words:
   attempt landed: *reported*. Any other 4xx (404 included) refuses this one combination: it is
   kept as *rejected* with the server's detail (logs, metrics, report) and the job goes on.
 - **status / report**: a 409, or a 400 that speaks of a duplicate, means the backend already has
-  it: counted as sent. A 404 means the backend no longer knows the project: the job is
-  abandoned (closed locally, the worker moves on). Any other 4xx parks the job as
+  it: counted as sent. Any other 4xx (404 included: an unknown project is as likely a deploy's
+  misrouting as a deleted project, and closing the job would be irreversible) parks the job as
   *needs-attention* with the server's detail; the worker moves on to the next job and never
   re-sends it by itself (``goflow-gpu state retry`` re-arms it, ``state abandon`` closes it).
 - **next-job**: 404 is "no job now"; any other 4xx is polled again later with backoff, like an
@@ -57,7 +57,6 @@ class Decision(StrEnum):
     LANDED = "landed"  # the backend already has it (duplicate after an unknown outcome / 409)
     REFUSED = "refused"  # result: this combination is refused; kept visible, the job goes on
     PARK = "park"  # status/report: park the job as needs-attention, move on
-    GONE = "gone"  # status/report 404: the backend forgot the project; abandon the job
 
 
 TRANSIENT_STATUSES: Final = frozenset({408, 425, 429})
@@ -76,7 +75,7 @@ TABLE: Final[dict[tuple[Endpoint, str], Decision]] = {
     ("result", "duplicate"): Decision.LANDED,
     ("result", "duplicate-first"): Decision.REFUSED,
     ("result", "other 4xx"): Decision.REFUSED,
-    **{(e, "404"): Decision.GONE for e in ("status", "report")},
+    **{(e, "404"): Decision.PARK for e in ("status", "report")},
     **{(e, "duplicate"): Decision.LANDED for e in ("status", "report")},
     **{(e, "duplicate-first"): Decision.LANDED for e in ("status", "report")},
     **{(e, "other 4xx"): Decision.PARK for e in ("status", "report")},
@@ -92,7 +91,7 @@ _ANSWER_CLASSES: Final = (
     "other 4xx",
 )
 
-# Words that say "this exists already", after "already" or before it ("submitted already").
+# Words that say "this exists already", next to "already" or "previously" in any order.
 _ALREADY_WORDS: Final = frozenset(
     {
         "submitted",
@@ -110,39 +109,74 @@ _ALREADY_WORDS: Final = frozenset(
         "saved",
         "registered",
         "known",
-        "there",
+        "created",
+        "completed",
+        "uploaded",
     }
 )
-_NEGATIONS: Final = frozenset({"not", "no", "never", "doesn't", "isn't", "without", "nonexistent"})
-_TOKEN = re.compile(r"[a-z0-9']+(?:_[a-z0-9']+)*")
+_THINGS: Final = frozenset({"result", "submission", "analysis", "record", "entry", "status"})
+# Words of a validation error or a denial: a detail with any of them is not "it is there".
+_NOT_A_DUPLICATE: Final = frozenset(
+    {
+        "not",
+        "no",
+        "never",
+        "without",
+        "doesn't",
+        "isn't",
+        "wasn't",
+        "nonexistent",
+        "invalid",
+        "must",
+        "contains",
+        "contain",
+        "values",
+        "value",
+        "field",
+        "fields",
+        "ids",
+        "keys",
+        "items",
+        "format",
+        "required",
+        "expected",
+        "missing",
+        "progress",
+    }
+)
+_TOKEN = re.compile(r"[a-z0-9']+")
 
 
 def speaks_of_duplicate(detail: str | None) -> bool:
     """Whether a server's detail says the thing was submitted already, in any phrasing.
 
     Matches, case-insensitively and in any word order: a word starting with ``duplicat``
-    ("duplicate", "duplicated", "duplicates"); or the word ``already`` together with a word
-    that says it is there (submitted, recorded, reported, present, exists, existing, stored,
-    received, posted, sent, processed, saved, registered, known, there); or "exists"/"existing"
-    said of a result, submission, analysis or record without a negation.
+    ("duplicate", "duplicated"); or ``already`` / ``previously`` together with a word that says
+    it is there (submitted, recorded, reported, present, exists, existing, stored, received,
+    posted, sent, processed, saved, registered, known, created, completed, uploaded); or
+    "exists"/"existing" said of a result, submission, analysis, record, entry or status.
+    Underscores separate words (``RESULT_ALREADY_EXISTS`` matches).
 
-    Limits: words are whole tokens (``already_seen`` or ``alreadysubmitted`` in a field name is
-    no match), so a validation error that only happens to contain "already" does not count; a
-    detail in another language does not match (the result is then *refused*, a visible failure,
-    never a silent loss). It is only consulted after an attempt whose outcome is unknown (for
-    results) or for a status/report PUT, where "it exists" can only mean our own earlier call.
+    Never a match when the detail also has a word of a validation error or a denial (not, no,
+    never, without, invalid, must, contains, values, field(s), ids, keys, items, format,
+    required, expected, missing, ...): "contains duplicate values", "must reference an existing
+    analysis" and "not a duplicate" are refusals, and taking a refusal for "it landed" would lose
+    the thing silently. Limits: a detail in another language does not match (a result is then
+    *refused*: visible, never silently lost); a duplicate message that also uses one of those
+    words is taken for a refusal (visible, the safe side). For results the rule is only
+    consulted after an attempt whose outcome is unknown.
     """
     if not detail:
         return False
     words = _TOKEN.findall(detail.lower())
     tokens = set(words)
+    if tokens & _NOT_A_DUPLICATE:
+        return False
     if any(word.startswith("duplicat") for word in words):
         return True
-    if "already" in tokens and tokens & _ALREADY_WORDS:
+    if tokens & {"already", "previously"} and tokens & _ALREADY_WORDS:
         return True
-    if tokens & {"exists", "existing"} and not tokens & _NEGATIONS:
-        return bool(tokens & {"result", "submission", "analysis", "record", "entry", "status"})
-    return False
+    return bool(tokens & {"exists", "existing"} and tokens & _THINGS)
 
 
 def answer_class(status: int, detail: str | None) -> str:

@@ -1,10 +1,10 @@
 """The ``goflow-gpu`` command line. Thin: parse, configure, call one entry point.
 
-Exit codes: 0 ok (or drained on SIGTERM); 1 a job was skipped, abandoned or parked as
-needs-attention; 2 bad configuration or usage (a broken prompt catalog included); 3 the backend
-refused the API key; 4 the local state cannot be used; 5 the inference engine failed (dead or not
-loadable; state kept, a restart resumes); 75 (EX_TEMPFAIL, ``run``) the backend or an image host
-stayed down past ``outage_patience``: try again later, the state is kept.
+Exit codes: 0 ok (or drained on SIGTERM); 1 a job was skipped or parked as needs-attention;
+2 bad configuration or usage (a broken prompt catalog included); 3 the backend refused the API
+key; 4 the local state cannot be used; 5 the inference engine failed (dead or not loadable; state
+kept, a restart resumes); 75 (EX_TEMPFAIL, ``run``) the backend or an image host stayed down past
+``outage_patience``: try again later, the state is kept.
 """
 
 from __future__ import annotations
@@ -195,8 +195,11 @@ def run(
 ) -> None:
     """Burst mode: process jobs until next-job says there is none, then exit.
 
-    Exit 0 when every job closed, 1 when a job had to be skipped (invalid manifest, kept in
-    the state for inspection) or could not be finished, 3 when the key is refused.
+    Exit 0 when every job closed; 1 when a job had to be skipped (invalid manifest, kept in
+    the state for inspection) or was parked (a status/report PUT refused: `state show`); 75
+    (try again later) when the backend or an image host stayed down past outage_patience
+    (GOFLOW_OUTAGE_PATIENCE, 600 s), state kept; 3 when the key is refused; 5 when the engine
+    failed.
     """
     _work(
         True,

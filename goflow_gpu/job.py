@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +57,7 @@ from goflow_gpu.errors import (
 from goflow_gpu.events import Events
 from goflow_gpu.logs import bind, get_logger
 from goflow_gpu.media import FetchedImage, MediaFetcher
-from goflow_gpu.patience import Outage, OutageHook, Stopped
+from goflow_gpu.patience import Outage, OutageHook, PatienceExhausted, Stopped
 from goflow_gpu.prompts import QARules, RenderedPrompt
 from goflow_gpu.prompts.qa import QAVerdict, judge, retry_user_prompt
 from goflow_gpu.protocol import (
@@ -105,7 +106,6 @@ class JobOutcome:
     completed: int
     failed: int
     seconds: float
-    abandoned: bool = False  # the backend no longer knows the project
     parked: bool = False  # a status/report PUT was refused: the job needs attention
     waited_out: bool = False  # a service stayed down past the patience: try again later
 
@@ -170,6 +170,8 @@ class JobRunner:
         }
         self._backend = Outage("backend", **outage)  # type: ignore[arg-type]
         self._image_hosts = Outage("image hosts", **outage)  # type: ignore[arg-type]
+        self._intents: set[str] = set()  # status intents recorded by this run
+        self._put_failure: BaseException | None = None  # a status PUT's definite failure
         self._in_flight: set[asyncio.Future[InferenceResult]] = set()
         self._aborting = False  # the drain timeout passed: in-flight requests were aborted
         self._post_cutoff = asyncio.Event()  # the drain timeout passed: no new POSTs
@@ -179,31 +181,52 @@ class JobRunner:
     async def _ensure_status(self, status: ProjectStatus) -> None:
         """Send a project status at most once, recording intent before and success after.
 
-        Raises :class:`Stopped` when the worker stops while the backend is down.
+        Raises :class:`Stopped` when the worker stops; a definite failure of the PUT (parked,
+        patience exhausted) is raised to every task that waits for it, without
+        sending it again.
         """
         # Always through the lock (uncontended it does not yield): it is fair, so slots that
         # waited for "processing" go first and the media-major order holds.
         async with self._processing_lock:
             if status in self._sent:
                 return
-            if status == "completed" and "processing" not in self._sent:
-                await self._send_status("processing")
-            await self._send_status(status)
+            if self._put_failure is not None:
+                raise self._put_failure
+            if self.stopping.is_set():
+                raise Stopped
+            try:
+                if status == "completed" and "processing" not in self._sent:
+                    await self._send_status("processing")
+                await self._send_status(status)
+            except (ApiError, JobParked, PatienceExhausted) as exc:
+                self._put_failure = exc
+                raise
 
     async def _send_status(self, status: ProjectStatus) -> None:
-        resends = self.store.mark_status(self.project_id, status, "intent")
-        self._check_resends(resends, f"status {status}")
+        if status not in self._intents:
+            # Once per run: an intent found from an earlier run is a re-send after an unknown
+            # outcome (counted, bounded); the tasks of this run never count.
+            resends = self.store.mark_status(self.project_id, status, "intent")
+            self._intents.add(status)
+            self._check_resends(resends, f"status {status}")
         pid = self._wire(self.project_id)
         try:
-            await self._backend.call(
-                lambda: self.client.set_status(pid, status), what=f"PUT status {status}"
-            )
+            await self._put(lambda: self.client.set_status(pid, status), f"PUT status {status}")
         except ApiError as exc:
             self._settle_put("status", f"status {status}", exc)
         self.store.mark_status(self.project_id, status, "sent")
         self._sent.add(status)
         log.info("project status sent", status=status)
         self.events.emit("status_sent", self.project_id, status=status)
+
+    async def _put(self, call: Callable[[], Awaitable[None]], what: str) -> None:
+        """A status/report PUT through the backend's outage; an outage that stopped it is no
+        crash loop, so it resets the re-send count (only consecutive crashes accumulate)."""
+        try:
+            await self._backend.call(call, what=what)
+        except (Stopped, PatienceExhausted):
+            self.store.reset_put_resends(self.project_id)
+            raise
 
     def _check_resends(self, resends: int, what: str) -> None:
         if resends > self.options.max_put_resends:
@@ -214,7 +237,7 @@ class JobRunner:
 
     def _settle_put(self, endpoint: Endpoint, what: str, exc: ApiError) -> None:
         """A status/report PUT got a non-transient answer: return when it counts as sent,
-        else raise what the worker acts on (auth, abandon, park)."""
+        else raise what the worker acts on (auth, park)."""
         if isinstance(exc, AuthenticationError):
             raise exc
         decision = decide(endpoint, exc.status, exc.detail_text, prior_unknown=True)
@@ -226,8 +249,6 @@ class JobRunner:
                 detail=exc.detail_text[:500],
             )
             return
-        if decision is Decision.GONE:
-            raise exc  # the worker abandons the job
         raise JobParked(f"{what} refused: HTTP {exc.status}: {exc.detail_text[:1000]}") from exc
 
     # -- the run ------------------------------------------------------------------------------
@@ -275,6 +296,8 @@ class JobRunner:
                     task.cancel()
                 await asyncio.gather(feeder, *slots, *posters, *helpers, return_exceptions=True)
                 self._emit_queue_depths()
+                for outage in (self._backend, self._image_hosts):
+                    outage.forget()  # readiness must not keep waiting for a job that ended
             if self._fatal is not None:
                 raise self._fatal
             return await self._finish(started)
@@ -320,17 +343,18 @@ class JobRunner:
             in_flight=len(running),
             drain_timeout_s=self.options.drain_timeout,
         )
+        deadline = time.monotonic() + self.options.drain_timeout
         if running:
             await asyncio.wait(running, timeout=self.options.drain_timeout)
-        else:
-            await asyncio.sleep(self.options.drain_timeout)
-        self._aborting = True
-        self._post_cutoff.set()
+        self._aborting = True  # from now on no request starts, and what still runs is aborted
         left = [f for f in self._in_flight if not f.done()]
         if left:
             log.warning("drain timeout: aborting in-flight requests", aborted=len(left))
         for future in left:
             future.cancel()
+        # Ready verdicts are POSTed (once each) until the drain timeout, then left for later.
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+        self._post_cutoff.set()
 
     def _emit_queue_depths(self) -> None:
         self.events.emit(
@@ -367,7 +391,7 @@ class JobRunner:
                 if self.stopping.is_set():
                     log.info("draining: no new inference requests")
                     return
-                _, fetched = downloads[key].result()
+                _, fetched = await downloads[key]
                 if fetched is None:
                     continue  # stopped while its host was down: the rows stay pending
                 rows = groups[key]
@@ -393,15 +417,24 @@ class JobRunner:
         plan order, so one image whose host is down does not hold up the images after it."""
         while True:
             head = remaining[0]
-            if downloads[head].done():
-                return head
+            if downloads[head].done() or self.stopping.is_set():
+                return head  # when stopping, the feeder returns before using it
             if self._image_hosts.active:
                 ready = next((k for k in remaining if downloads[k].done()), None)
                 if ready is not None:
                     return ready
-            waiting = [downloads[k] for k in remaining if not downloads[k].done()]
-            # Wake on any finished download, and now and then to notice an outage.
-            await asyncio.wait(waiting, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            waiting: list[asyncio.Future[Any]] = [
+                downloads[k] for k in remaining if not downloads[k].done()
+            ]
+            stop = asyncio.ensure_future(self.stopping.wait())
+            try:
+                # Wake on any finished download or the stop, and now and then to notice an
+                # outage of the image hosts.
+                await asyncio.wait(
+                    [*waiting, stop], timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                stop.cancel()
 
     async def _fetch(
         self, media_id: str, variant: str
@@ -463,6 +496,8 @@ class JobRunner:
                     await self._ensure_status("processing")
                 except Stopped:
                     continue
+                if self.stopping.is_set():
+                    continue  # stopped while waiting for the status: no new inference
                 await self._infer_one(row)
 
     async def _ask(self, request: InferenceRequest, row: ComboRow) -> InferenceResult | None:
@@ -475,7 +510,9 @@ class JobRunner:
         key = row.key
         result: InferenceResult | None = None
         for engine_try in range(self.options.engine_retries + 1):
-            if engine_try and (self.stopping.is_set() or not await self._pause(0.5 * engine_try)):
+            if self._aborting or (engine_try and self.stopping.is_set()):
+                return None
+            if engine_try and not await self._pause(0.5 * engine_try):
                 return None
             self.events.emit(
                 "inference_started",
@@ -694,7 +731,8 @@ class JobRunner:
             try:
                 return await self.client.post_result(*ids, body)
             except TransientError as exc:
-                unknown = True
+                # A refused connect or a 429 delivered nothing; a timeout, a cut or a 5xx may have.
+                unknown = unknown or exc.prior_attempt_unknown
                 self._posted(row, exc.status, "retry")
                 raise
             except ApiError as exc:
@@ -768,6 +806,10 @@ class JobRunner:
         seconds = time.monotonic() - started
         if left:
             return self._paused(rows, completed, len(left), seconds)
+        if self.stopping.is_set():
+            # Bounded drain: completed and the report (up to a minute with retries) wait for
+            # the next start, which finds every combination settled and sends them first.
+            return self._paused(rows, completed, 0, seconds)
         try:
             await self._ensure_status("completed")
             await self._send_report(rows)

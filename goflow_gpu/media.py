@@ -350,6 +350,10 @@ class MediaFetcher:
             ) from None
         except aiohttp.InvalidURL as exc:
             raise MediaError(f"{shown}: invalid URL ({exc})") from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            # Waiting does not fix a certificate: permanent for this image.
+            reason = exc.certificate_error
+            raise MediaError(f"{shown}: TLS certificate failed verification ({reason})") from None
         except aiohttp.ClientError as exc:
             raise TransientError(
                 f"{shown}: network error: {type(exc).__name__}: {exc}",

@@ -209,6 +209,12 @@ class Outage:
                 seconds=down,
             )
 
+    def forget(self) -> None:
+        """The job that owned this outage ended: report it closed without logging a recovery."""
+        if self.since is not None and self.on_change is not None:
+            self.on_change(self.service, None)
+        self.since = None
+
     def recovered(self) -> None:
         """Record a successful call: the outage, if any, is over for every waiting task."""
         if self.since is None:

@@ -23,8 +23,9 @@ Combination state machine
   unknown until it is recorded. ``post_attempts`` counts the intents.
 - ``reported``: the server has the result: 200/201, or a duplicate-400 after an attempt whose
   outcome is unknown. Terminal.
-- ``rejected``: 400/422 on a first attempt (or a duplicate-400 with no unknown prior attempt):
-  a visible failure kept with the server's detail, never retried in a loop. Terminal.
+- ``rejected``: a definite refusal (a 4xx other than 401/403/408/425/429; a duplicate answer
+  with no unknown prior attempt): a visible failure kept with the server's detail, never
+  retried in a loop. Terminal. Transient failures never lead here.
 
 Any other transition (``reported -> posting``, ``pending -> posting``, ...) raises
 :class:`~goflow_gpu.errors.StateError`: it is a bug, and the exactly-once rules rest on refusing it.
@@ -46,6 +47,14 @@ at most once each, in order: ``completed`` needs ``processing`` sent and every c
 terminal; the report needs ``completed`` sent. An ``intent`` found on restart means the call's
 outcome is unknown: send it again (the PUTs are idempotent) and record ``sent``; recording
 ``intent`` again is allowed for that, ``sent`` is never undone.
+
+A job can also be *parked* (open, ``attention`` holds why): a status or report PUT was refused
+by the backend (see :mod:`goflow_gpu.answers`), or re-sent too often after unknown outcomes
+(``put_resends``, counted across restarts). A parked job is not resumed (:meth:`unfinished_jobs`
+skips it) until an operator re-arms it (:meth:`rearm_job`, ``goflow-gpu state retry``) or closes
+it (:meth:`close_job` with a reason, ``goflow-gpu state abandon``).
+
+Project ids are stored in canonical (lower-case) form; lookups compare case-insensitively.
 
 Errors of sqlite3 (disk full, I/O, corruption) are mapped to :class:`StateError` here.
 """
@@ -543,6 +552,15 @@ class Store:
 
     # ------------------------------------------------------------------ statuses and report
 
+    def reset_put_resends(self, project_id: str) -> None:
+        """A status/report PUT ended in a known outage (not a crash): start counting re-sends
+        after unknown outcomes from zero again."""
+        with self._tx(f"reset put resends {project_id}") as conn:
+            job = self._job_in_tx(conn, project_id)
+            conn.execute(
+                "UPDATE jobs SET put_resends = 0 WHERE project_id = ?", (job["project_id"],)
+            )
+
     def mark_status(self, project_id: str, status: str, phase: str) -> int:
         """Record the intent to send a project status, or that it was sent (at most once each).
 
@@ -564,7 +582,7 @@ class Store:
                 left = conn.execute(
                     "SELECT COUNT(*) FROM combos WHERE project_id = ? "
                     "AND state NOT IN ('reported', 'rejected')",
-                    (project_id,),
+                    (job["project_id"],),
                 ).fetchone()[0]
                 if left:
                     raise StateError(

@@ -5,8 +5,8 @@ burst mode: it processes jobs until next-job says there is none, then returns. U
 the local state are always resumed before a new job is taken.
 
 Exit codes (``WorkerResult.exit_code``): 0 all jobs done (or drained on a signal); 1 a job had
-to be skipped (its manifest failed validation), abandoned (the backend forgot its project) or
-parked (a status/report PUT was refused: ``goflow-gpu state show`` says why); 75 (EX_TEMPFAIL)
+to be skipped (its manifest failed validation) or parked (a status/report PUT was refused, 404
+included: ``goflow-gpu state show`` says why); 75 (EX_TEMPFAIL)
 work is unfinished because the backend or an image host stayed down past ``outage_patience``:
 try again later, the state is kept and the next start resumes. The backend refusing the key is
 raised as :class:`~goflow_gpu.errors.AuthenticationError` for the CLI to map (3), a dead engine
@@ -37,7 +37,6 @@ from goflow_gpu.errors import (
     GoFlowError,
     ManifestError,
     NoJobAvailable,
-    NotFoundError,
     StateError,
     TransientError,
 )
@@ -95,7 +94,6 @@ class WorkerResult:
     jobs: deque[JobOutcome] = field(default_factory=lambda: deque(maxlen=RECENT_JOBS))
     job_runs: int = 0
     closed: int = 0
-    abandoned: int = 0
     parked: int = 0
     skipped: int = 0
     unfinished: int = 0
@@ -106,14 +104,15 @@ class WorkerResult:
         self.jobs.append(outcome)
         self.job_runs += 1
         self.closed += outcome.closed
-        self.abandoned += outcome.abandoned
         self.parked += outcome.parked
 
     @property
     def exit_code(self) -> int:
-        if self.unfinished and not self.drained:
+        if self.drained:
+            return 0  # asked to stop and did: skipped/parked jobs are in the log and state show
+        if self.unfinished:
             return EXIT_TRY_LATER
-        return 1 if (self.skipped or self.abandoned or self.parked) else 0
+        return 1 if (self.skipped or self.parked) else 0
 
 
 #: ``run`` left work unfinished because a service stayed down: try again later (EX_TEMPFAIL).
@@ -301,9 +300,17 @@ class Worker:
                     report=known.report,
                 )
                 return "closed"
+            if known is not None and known.parked:
+                # Offered again while it waits for an operator: running it would re-send the
+                # refused PUT; asking next-job at once would only get it again.
+                log.error(
+                    "job skipped: it is parked as needs-attention (goflow-gpu state show)",
+                    reason=(known.attention or "")[:500],
+                )
+                return "closed"
             if known is not None:
                 # An open job we already hold; our state is the truth and the loop resumes it.
-                log.warning("job already known locally: resuming it", parked=known.parked)
+                log.warning("job already known locally: resuming it")
                 return "accepted"
             combos = plan_job(manifest, self._fresh_catalog())
             self.store.create_job(raw, combos)
@@ -354,19 +361,6 @@ class Worker:
             outcome = self._interrupted(project_id)
             outcome.parked = True
             return outcome
-        except NotFoundError as exc:
-            # The backend no longer knows the project (status or report answered 404): the job
-            # can never complete, and resuming it first on every start would block the node.
-            with bind(project_id=project_id):
-                log.error(
-                    "job abandoned: the backend does not know this project",
-                    endpoint=exc.endpoint,
-                    detail=str(exc.detail)[:500],
-                )
-            self.store.close_job(project_id, reason=f"abandoned: {exc}"[:1000])
-            self._run_ended(project_id, closed=True)
-            rows = self.store.counts(project_id)
-            return JobOutcome(project_id, True, sum(rows.values()), 0, 0, 0.0, abandoned=True)
         except BaseException:
             self._run_ended(project_id)
             raise
@@ -378,5 +372,5 @@ class Worker:
 
     def _run_ended(self, project_id: str, *, closed: bool = False) -> None:
         """The runner ends a job's events only when it finishes normally; observers (metrics)
-        must learn that an interrupted or abandoned run is over too."""
+        must learn that an interrupted or parked run is over too."""
         self.events.emit("job_finished", project_id, closed=closed, completed=0, failed=0)

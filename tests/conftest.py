@@ -142,3 +142,10 @@ def _restore_logging() -> Iterator[None]:
         if handler not in handlers:
             root.removeHandler(handler)
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _bounded_outage_patience(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `run` that waits out an outage gives up after 30 s in tests instead of 10 minutes, so a
+    bug that leaves a job waiting fails fast; tests about patience set their own value."""
+    monkeypatch.setenv("GOFLOW_OUTAGE_PATIENCE", "30")

@@ -40,9 +40,7 @@ def expected(endpoint: str, status: int, *, duplicate_words: bool, prior_unknown
     duplicate = status == 409 or (status == 400 and duplicate_words)
     if endpoint == "result":
         return "landed" if duplicate and prior_unknown and status != 404 else "refused"
-    if status == 404:
-        return "gone"
-    return "landed" if duplicate else "park"
+    return "landed" if duplicate and status != 404 else "park"
 
 
 ALL = [(e, s) for e in ("next-job", "status", "result", "report") for s in range(400, 600)]
@@ -165,6 +163,7 @@ def test_every_code_through_the_real_client_gets_its_decision() -> None:
 DUPLICATE_PHRASINGS = [
     "duplicate submission",
     "Duplicate result for media x analysis",
+    "duplicate submission: media 1f0e x analysis 9a2b of project 77c1 was already submitted",
     "analysis result for this media and analysis has already been submitted",
     "This combination was already recorded",
     "result already reported",
@@ -176,6 +175,9 @@ DUPLICATE_PHRASINGS = [
     "a result for this media and analysis exists",
     "Conflict: existing submission for media 3fa85f64 and analysis 3fa85f64",
     "duplicated request",
+    "RESULT_ALREADY_EXISTS",
+    "this analysis was previously submitted",
+    "project already completed",
 ]
 
 NOT_DUPLICATES = [
@@ -186,6 +188,11 @@ NOT_DUPLICATES = [
     "userPromptUsed must not be empty (already trimmed)",
     "project does not exist",
     "media 3fa85f64 not found; no result exists",
+    "analysis_types_completed contains duplicate values",
+    "duplicate object ids in objects_detected",
+    "analysisId must reference an existing analysis",
+    "not a duplicate: the first submission failed validation",
+    "There is already an upload in progress",
     "",
 ]
 

@@ -33,32 +33,32 @@ def _instant_retries(monkeypatch: pytest.MonkeyPatch) -> Any:
     retry.set_testing(False)
 
 
-def outcome(n: int, *, closed: bool = True, abandoned: bool = False) -> JobOutcome:
-    return JobOutcome(f"project-{n}", closed, 4, 4, 0, 0.1, abandoned=abandoned)
+def outcome(n: int, *, closed: bool = True, parked: bool = False) -> JobOutcome:
+    return JobOutcome(f"project-{n}", closed, 4, 4, 0, 0.1, parked=parked)
 
 
 def test_a_long_run_keeps_a_bounded_number_of_outcomes_and_counts_every_run() -> None:
     result = WorkerResult()
     # 1000 job runs, as a node would see over some weeks: every 10th paused (not closed),
-    # every 100th abandoned.
+    # every 100th parked.
     for n in range(1000):
-        result.add(outcome(n, closed=n % 10 != 0, abandoned=n % 100 == 99))
+        result.add(outcome(n, closed=n % 10 != 0, parked=n % 100 == 99))
     assert len(result.jobs) == 100
     assert result.jobs[0].project_id == "project-900"
     assert result.jobs[-1].project_id == "project-999"
     assert result.job_runs == 1000
     assert result.closed == 900
-    assert result.abandoned == 10
+    assert result.parked == 10
     assert result.exit_code == 1
 
 
-def test_the_exit_code_counts_an_abandoned_job_that_is_no_longer_kept() -> None:
+def test_the_exit_code_counts_a_parked_job_that_is_no_longer_kept() -> None:
     result = WorkerResult()
-    result.add(outcome(0, abandoned=True))
+    result.add(outcome(0, parked=True))
     for n in range(1, 250):
         result.add(outcome(n))
-    assert all(not job.abandoned for job in result.jobs)
-    assert result.abandoned == 1
+    assert all(not job.parked for job in result.jobs)
+    assert result.parked == 1
     assert result.exit_code == 1
 
 
@@ -66,7 +66,7 @@ def test_a_clean_run_exits_zero() -> None:
     result = WorkerResult()
     for n in range(150):
         result.add(outcome(n))
-    assert (result.job_runs, result.closed, result.abandoned) == (150, 150, 0)
+    assert (result.job_runs, result.closed, result.parked) == (150, 150, 0)
     assert result.exit_code == 0
 
 
@@ -93,5 +93,5 @@ def test_a_burst_over_several_jobs_keeps_only_the_latest_outcomes(
 
     result, projects = asyncio.run(go())
     assert result.exit_code == 0
-    assert (result.job_runs, result.closed, result.abandoned) == (5, 5, 0)
+    assert (result.job_runs, result.closed, result.parked) == (5, 5, 0)
     assert [job.project_id for job in result.jobs] == projects[-2:]

@@ -286,7 +286,7 @@ def test_drain_leaves_an_open_job_that_the_next_start_finishes(tmp_path: Path) -
     run(go)
 
 
-def test_a_project_the_backend_forgot_is_abandoned_and_the_next_job_runs(tmp_path: Path) -> None:
+def test_a_project_the_backend_forgot_is_parked_and_the_next_job_runs(tmp_path: Path) -> None:
     async def go() -> None:
         async with Simulator(api_key=KEY, seed=13) as sim:
             forgotten = sim.add_job(media=2, analyses=3)
@@ -301,15 +301,15 @@ def test_a_project_the_backend_forgot_is_abandoned_and_the_next_job_runs(tmp_pat
             result = await run_worker(
                 settings_for(sim, tmp_path), burst=True, engine=engine, handle_signals=False
             )
-            assert [job.abandoned for job in result.jobs] == [True, False]
+            assert [job.parked for job in result.jobs] == [True, False]
             assert result.exit_code == 1
             assert sim.ledger.check_job(healthy) == []
             assert not sim.ledger.reports.get(gone)
         with Store.open(tmp_path) as store:
             job = store.job(gone)
             assert job is not None
-            assert job.state == "closed"
-            assert store.unfinished_jobs() == []
+            assert job.parked and job.attention is not None and "HTTP 404" in job.attention
+            assert store.unfinished_jobs() == []  # not resumed first on every start
 
     run(go)
 

@@ -13,7 +13,9 @@ then has nothing left to resize whatever its own pixel settings (unless they are
 ``image_size`` in the result is the space the model's box coordinates refer to.
 
 Failures: connection errors, timeouts, 429 and 5xx are retried with backoff (Retry-After
-honoured). A request that still fails comes back as ``result.error`` with the server's reason;
+honoured); when they outlast the retries the engine raises :class:`~goflow_gpu.errors.EngineError`
+(the job stops resumably: a passing server fault must never become a failed result). A request
+the server refuses (4xx) comes back as ``result.error`` with the server's reason;
 a server that cannot be reached at all raises :class:`~goflow_gpu.errors.EngineError`, since no
 other request can succeed either. The API key (optional, from the environment variable named by
 ``openai_api_key_env``) is sent as a bearer token and never logged.
@@ -197,11 +199,16 @@ class OpenAIEngine(Engine):
             try:
                 answer = await self._with_retry(lambda: self._post_json(url, body))
             except TransientError as exc:
+                # The server is down or overloaded past the retries: not this request's fault,
+                # and a failed result would be lost for good. Stop the job (resumable); the
+                # orchestrator restarts the worker and the request is asked again.
                 if exc.cause == "network":
                     raise EngineError(
                         f"cannot reach the OpenAI-compatible server at {self.base_url}: {exc}"
                     ) from exc
-                return _failed(request, started, str(exc), image_size)
+                raise EngineError(
+                    f"the OpenAI-compatible server at {self.base_url} kept failing: {exc}"
+                ) from exc
             except EngineError as exc:
                 return _failed(request, started, str(exc), image_size)
             return _parse_answer(request, answer, started, image_size)
