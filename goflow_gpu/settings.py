@@ -84,6 +84,14 @@ class Settings(BaseSettings):
     dtype: str = "auto"
     max_model_len: int = Field(default=16384, ge=256)
     max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int | None = Field(
+        default=None,
+        ge=256,
+        description=(
+            "vLLM scheduler token budget per step (None: vLLM's engine default, 2048); "
+            "16384 on an H100/H200"
+        ),
+    )
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     tensor_parallel_size: int = Field(default=1, ge=1)
     data_parallel_size: int = Field(default=1, ge=1)
@@ -94,7 +102,11 @@ class Settings(BaseSettings):
     max_pixels: int = Field(default=1280 * 28 * 28, ge=28 * 28)
     batch_size: int = Field(default=8, ge=1, description="transformers engine batch size")
     device: str = Field(default="auto", description="transformers engine device")
-    max_in_flight: int = Field(default=64, ge=1, description="requests kept in the engine at once")
+    max_in_flight: int = Field(
+        default=96,
+        ge=1,
+        description="requests kept in the engine at once (about 1.5x max_num_seqs: a queue)",
+    )
 
     # Prompts and QA
     prompts_dir: Path | None = Field(default=None, description="default: the shipped catalog")

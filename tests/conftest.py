@@ -88,7 +88,7 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         "--host", "127.0.0.1", "--port", str(port),
         "--max-model-len", "2048", "--max-num-seqs", "8",
         "--gpu-memory-utilization", "0.2", "--enforce-eager",
-        "--limit-mm-per-prompt", json.dumps({"image": 1}),
+        "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
         "--mm-processor-kwargs", json.dumps(
             {"min_pixels": VLLM_SERVER_MIN_PIXELS, "max_pixels": VLLM_SERVER_MAX_PIXELS}
         ),

@@ -254,6 +254,8 @@ def test_retries_5xx_and_429_then_sends_the_documented_request(
     body = server.received[-1]
     assert body["model"] == "qwen2.5vl:7b"
     assert (body["max_tokens"], body["temperature"], body["seed"]) == (48, 0.0, 7)
+    # Explicit: otherwise the server applies the model's generation_config (1.05 for Qwen).
+    assert (body["top_p"], body["repetition_penalty"]) == (1.0, 1.0)
     assert body["response_format"] == {
         "type": "json_schema",
         "json_schema": {"name": "Image_check", "schema": schema, "strict": True},

@@ -111,7 +111,7 @@ def test_create_engine_builds_the_transformers_engine_from_settings(tiny_model_d
     assert engine.model_label == "tiny-test"
     assert engine.supports_json_schema is False
     assert engine.batch_size == 3
-    assert engine.max_in_flight == 64  # the settings default
+    assert engine.max_in_flight == 96  # the settings default: 1.5x max_num_seqs (64)
 
 
 # -- the engine ---------------------------------------------------------------------------

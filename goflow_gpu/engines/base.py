@@ -22,10 +22,19 @@ from typing import Any, ClassVar
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling settings of one request."""
+    """Sampling settings of one request, passed explicitly to every engine.
+
+    Engines differ in what they do with an unset value: vLLM's server and transformers apply the
+    model's ``generation_config.json`` (Qwen2.5-VL ships ``repetition_penalty`` 1.05, top_p and
+    top_k), vLLM's in-process engine does not. Every engine sends all of these, so the same
+    request samples the same way everywhere. ``repetition_penalty`` 1.0 (none) is right for JSON:
+    a penalty on repeated tokens fights the braces, quotes and keys that JSON repeats.
+    """
 
     max_tokens: int = 512
     temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True)

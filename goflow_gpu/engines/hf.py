@@ -3,7 +3,7 @@
 Concurrent :meth:`TransformersEngine.infer` calls are queued; one batcher task takes up to
 ``batch_size`` of them (waiting a short gather window for stragglers), and runs the batch's
 ``generate`` on a single dedicated thread, so the event loop stays free and batches never
-overlap. Prompts are left-padded. Requests of one batch with different temperatures run as
+overlap. Prompts are left-padded. Requests of one batch with different sampling run as
 separate sub-batches; different ``max_tokens`` share one ``generate`` (up to the largest) and
 each answer is cut at its own budget.
 
@@ -287,10 +287,14 @@ class TransformersEngine(Engine):
                 )
             except GoFlowError as exc:
                 results[request.request_id] = _failed(request, str(exc), started)
-        by_temperature: dict[float, list[_Prepared]] = {}
+        # One generate() call per distinct sampling (max_tokens aside: the longest budget is used
+        # and each answer is cut at its own stop).
+        by_sampling: dict[tuple[float, float, float], list[_Prepared]] = {}
         for item in prepared:
-            by_temperature.setdefault(item.request.sampling.temperature, []).append(item)
-        for group in by_temperature.values():
+            chosen = item.request.sampling
+            key = (chosen.temperature, chosen.top_p, chosen.repetition_penalty)
+            by_sampling.setdefault(key, []).append(item)
+        for group in by_sampling.values():
             for result in self._generate_isolating_failures(group):
                 results[result.request_id] = result
         return [results[r.request_id] for r in requests]
@@ -323,13 +327,15 @@ class TransformersEngine(Engine):
             return_tensors="pt",
             images_kwargs={"size": size},
         ).to(self.device)
-        temperature = group[0].request.sampling.temperature
+        chosen = group[0].request.sampling
         budget = max(item.request.sampling.max_tokens for item in group)
-        sampling: dict[str, Any] = (
-            {"do_sample": True, "temperature": temperature}
-            if temperature > 0
-            else {"do_sample": False}
-        )
+        # Explicit, so the model's generation_config (repetition_penalty 1.05 for Qwen2.5-VL)
+        # does not apply here when vLLM's engine would not apply it.
+        sampling: dict[str, Any] = {"repetition_penalty": chosen.repetition_penalty}
+        if chosen.temperature > 0:
+            sampling.update(do_sample=True, temperature=chosen.temperature, top_p=chosen.top_p)
+        else:
+            sampling.update(do_sample=False)
         tokenizer = processor.tokenizer
         stop_ids = _stop_ids(model, tokenizer)
         with torch.inference_mode():

@@ -26,8 +26,12 @@ Differences between servers that matter here (as of vLLM 0.1x, SGLang 0.4/0.5, O
   outputs backend, xgrammar by default; ``--structured-outputs-config`` sets
   ``disable_any_whitespace``). ``usage.prompt_tokens_details.cached_tokens`` is only filled when
   the server runs with ``--enable-prompt-tokens-details``; prefix caching itself is on by
-  default. Image resizing follows ``--mm-processor-kwargs`` (min/max pixels); several images per
-  prompt need ``--limit-mm-per-prompt``.
+  default. Image resizing follows ``--mm-processor-kwargs`` (min/max pixels). Start it with
+  ``--limit-mm-per-prompt '{"image": 1, "video": 0}'``: the default video limit makes vLLM size
+  its encoder cache and memory-profiling run for video items nobody sends. ``repetition_penalty``
+  and ``top_p`` are sent explicitly (the server would otherwise apply the model's
+  generation_config, 1.05 for Qwen2.5-VL), and ``--max-num-batched-tokens 16384`` on an
+  H100/H200 matches the in-process engine's configs.
 - **SGLang**: ``json_schema`` works (xgrammar by default), plus its own ``regex``/``ebnf``
   extensions. Cached prompt tokens are reported only with ``--enable-cache-report``; RadixAttention
   caches prefixes, images included. Qwen2.5-VL resizing uses the model's processor defaults.
@@ -237,6 +241,10 @@ class OpenAIEngine(Engine):
             ],
             "max_tokens": request.sampling.max_tokens,
             "temperature": request.sampling.temperature,
+            "top_p": request.sampling.top_p,
+            # vLLM's server takes it as an extra sampling parameter; without it the server
+            # applies the model's generation_config (1.05 for Qwen2.5-VL).
+            "repetition_penalty": request.sampling.repetition_penalty,
             "seed": self.seed,
         }
         if request.json_schema is not None:

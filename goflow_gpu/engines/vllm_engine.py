@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import itertools
 import time
 import uuid
@@ -72,6 +73,7 @@ class VllmEngine(Engine):
         min_pixels: int = 256 * 28 * 28,
         max_pixels: int = 1280 * 28 * 28,
         max_in_flight: int = 64,
+        max_num_batched_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.model_label = model_label
@@ -87,6 +89,7 @@ class VllmEngine(Engine):
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.max_in_flight = max_in_flight
+        self.max_num_batched_tokens = max_num_batched_tokens
         self._llm: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
         self._processor: Any = None  # transformers processor: holds the chat template
         self._start_lock = asyncio.Lock()
@@ -113,7 +116,51 @@ class VllmEngine(Engine):
             min_pixels=settings.min_pixels,
             max_pixels=settings.max_pixels,
             max_in_flight=settings.max_in_flight,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
         )
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of vLLM's ``AsyncEngineArgs`` this engine is built with.
+
+        Spelled out rather than left to vLLM's defaults, which differ by entry point:
+        ``AsyncLLM.from_engine_args`` runs under ``UsageContext.ENGINE_CONTEXT``, for which
+        ``EngineArgs.get_batch_defaults`` has no entry, so ``max_num_batched_tokens`` would fall
+        back to ``SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS`` (2048: at most one ~1000-1280
+        token image per scheduler step) where ``LLM()`` gets 16384 on an H100/H200. The configs
+        set it per GPU (``max_num_batched_tokens``). ``video: 0`` keeps vLLM from sizing the
+        encoder cache and the memory-profiling run for video items nobody sends.
+        """
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "dtype": self.dtype,
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.max_num_seqs,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "data_parallel_size": self.data_parallel_size,
+            "seed": self.seed,
+            "load_format": self.load_format,
+            "enforce_eager": self.enforce_eager,
+            "enable_prefix_caching": True,
+            "limit_mm_per_prompt": {"image": 1, "video": 0},
+            "mm_processor_kwargs": {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels},
+            "disable_log_stats": True,
+        }
+        if self.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
+        return kwargs
+
+    def data_parallel_rank(self, request: InferenceRequest) -> int | None:
+        """With data parallelism, the rank that serves every request of one (media, variant).
+
+        vLLM's in-process client balances by load, which would spread the 25 analyses of one
+        image over the ranks and encode and prefill the image on each; a stable hash of the
+        group key sends them all to one rank, where the prefix cache holds the image.
+        """
+        if self.data_parallel_size <= 1:
+            return None
+        digest = hashlib.blake2b("\0".join(request.group_key).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") % self.data_parallel_size
 
     @property
     def unfinished_requests(self) -> int:
@@ -156,24 +203,11 @@ class VllmEngine(Engine):
         except ImportError as exc:
             raise EngineError(f"the vllm engine needs vllm and transformers: {exc}") from exc
         args = AsyncEngineArgs(
-            model=self.model,
-            dtype=self.dtype,  # type: ignore[arg-type]  # validated by vLLM, named in errors
-            max_model_len=self.max_model_len,
-            max_num_seqs=self.max_num_seqs,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            tensor_parallel_size=self.tensor_parallel_size,
-            data_parallel_size=self.data_parallel_size,
-            seed=self.seed,
-            load_format=self.load_format,
-            enforce_eager=self.enforce_eager,
-            enable_prefix_caching=True,
-            limit_mm_per_prompt={"image": 1},
-            mm_processor_kwargs={"min_pixels": self.min_pixels, "max_pixels": self.max_pixels},
+            **self.engine_kwargs(),
             # Compact JSON: the token budget goes to content, not to whitespace padding.
             structured_outputs_config=StructuredOutputsConfig(
                 backend="xgrammar", disable_any_whitespace=True
             ),
-            disable_log_stats=True,
         )
         try:
             # The chat template lives with the processor (chat_template.json), not the tokenizer.
@@ -238,7 +272,9 @@ class VllmEngine(Engine):
 
         self._in_flight.add(vllm_id)
         try:
-            async for output in llm.generate(prompt, params, vllm_id):
+            rank = self.data_parallel_rank(request)
+            extra = {"data_parallel_rank": rank} if rank is not None else {}
+            async for output in llm.generate(prompt, params, vllm_id, **extra):
                 final = output
         except asyncio.CancelledError:
             # generate() aborts on cancellation itself; abort again by our id in case the
@@ -297,6 +333,8 @@ class VllmEngine(Engine):
         return SamplingParams(
             max_tokens=request.sampling.max_tokens,
             temperature=request.sampling.temperature,
+            top_p=request.sampling.top_p,
+            repetition_penalty=request.sampling.repetition_penalty,
             seed=self.seed,
             structured_outputs=structured,
             output_kind=RequestOutputKind.FINAL_ONLY,
