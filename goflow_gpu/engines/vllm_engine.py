@@ -48,6 +48,34 @@ log = get_logger(__name__)
 IMAGE_FACTOR = 28
 
 
+#: Every vLLM name this engine imports, as (module, name). The GPU image imports them all at build
+#: time (``check_vllm_imports``), CI imports them against the CPU build of the same vLLM line, and
+#: a test keeps this list equal to the imports in this file: a renamed API fails a build or CI,
+#: not a node at 3 a.m.
+VLLM_NAMES: tuple[tuple[str, str], ...] = (
+    ("vllm.config", "StructuredOutputsConfig"),
+    ("vllm.engine.arg_utils", "AsyncEngineArgs"),
+    ("vllm.sampling_params", "RequestOutputKind"),
+    ("vllm.sampling_params", "SamplingParams"),
+    ("vllm.sampling_params", "StructuredOutputsParams"),
+    ("vllm.v1.engine.async_llm", "AsyncLLM"),
+    ("vllm.v1.engine.exceptions", "EngineDeadError"),
+)
+
+
+def check_vllm_imports() -> str:
+    """Import every name of :data:`VLLM_NAMES`; returns vLLM's version, raises ImportError naming
+    the first one that is missing."""
+    import importlib
+
+    import vllm
+
+    for module, name in VLLM_NAMES:
+        if not hasattr(importlib.import_module(module), name):
+            raise ImportError(f"vLLM {vllm.__version__} has no {module}.{name}")
+    return str(vllm.__version__)
+
+
 class VllmEngine(Engine):
     """Qwen2.5-VL on an in-process vLLM ``AsyncLLM`` (continuous batching, prefix caching)."""
 
