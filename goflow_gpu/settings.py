@@ -7,7 +7,10 @@ repr is masked, and nothing in goflow-gpu logs or stores it.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import os
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -216,6 +219,37 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
     return {str(k): v for k, v in data.items()}
 
 
+#: GOFLOW_* variables that are not settings: the key, and the live tests' backend URL.
+_OTHER_VARIABLES = frozenset({"GOFLOW_API_KEY", "GOFLOW_LIVE_BASE_URL"})
+
+
+def check_environment(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse ``GOFLOW_*`` variables that are no setting: a typo such as ``GOFLOW_BASEURL``
+    would otherwise be ignored silently and the worker would talk to the production backend.
+    The error names each one with the closest setting ("did you mean")."""
+    env = os.environ if environ is None else environ
+    known = {f"GOFLOW_{name.upper()}" for name in Settings.model_fields}
+    known |= _OTHER_VARIABLES | {settings.openai_api_key_env.upper()}
+    unknown = sorted(
+        name for name in env if name.upper().startswith("GOFLOW_") and name.upper() not in known
+    )
+    if not unknown:
+        return
+    # Compare what follows the prefix: every name shares "GOFLOW_", which would make anything
+    # look close to something.
+    suffixes = {name.removeprefix("GOFLOW_"): name for name in known}
+    parts = []
+    for name in unknown:
+        asked = name.upper().removeprefix("GOFLOW_")
+        close = difflib.get_close_matches(asked, sorted(suffixes), n=1, cutoff=0.75)
+        parts.append(f"{name}" + (f" (did you mean {suffixes[close[0]]}?)" if close else ""))
+    raise ConfigError(
+        "unknown environment variable(s): "
+        + "; ".join(parts)
+        + ". Every setting is GOFLOW_<NAME> of goflow_gpu/settings.py; unset or rename them"
+    )
+
+
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings: ``overrides`` (CLI flags, ``None`` = not given) > env > YAML > defaults.
 
@@ -228,7 +262,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     source = f" (config {config})" if config is not None else ""
     token = _YAML_LAYER.set(yaml_data)
     try:
-        return Settings(**flags)
+        settings = Settings(**flags)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -240,3 +274,5 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(f"invalid settings{source}: " + "; ".join(lines)) from None
     finally:
         _YAML_LAYER.reset(token)
+    check_environment(settings)
+    return settings

@@ -123,3 +123,27 @@ def test_cli_startup_errors_exit_2_without_traceback(tmp_path: Path) -> None:
     assert "plain http" in insecure.stderr
     assert "Traceback" not in insecure.stderr
     assert "made-up-key-xyz" not in insecure.stderr + insecure.stdout
+
+
+def test_a_mistyped_goflow_variable_is_refused_with_a_suggestion(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GOFLOW_BASEURL", "http://127.0.0.1:9")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "GOFLOW_BASEURL (did you mean GOFLOW_BASE_URL?)" in message
+    monkeypatch.delenv("GOFLOW_BASEURL")
+    monkeypatch.setenv("GOFLOW_QWERTYUIOP", "1")
+    with pytest.raises(
+        ConfigError, match=r"unknown environment variable\(s\): GOFLOW_QWERTYUIOP\."
+    ):
+        load_settings()
+
+
+def test_known_non_setting_variables_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GOFLOW_API_KEY", "made-up-settings-key")
+    monkeypatch.setenv("GOFLOW_OPENAI_API_KEY", "made-up-inference-key")
+    monkeypatch.setenv("GOFLOW_LIVE_BASE_URL", "https://example.invalid")
+    monkeypatch.setenv("goflow_base_url", "http://127.0.0.1:8787")  # any case, like pydantic
+    assert load_settings().base_url == "http://127.0.0.1:8787"
