@@ -238,6 +238,14 @@ def test_a_refused_report_parks_the_job_the_next_runs_and_nothing_loops(
             again = await work(settings_for(sim, tmp_path))
             assert again.exit_code == 0 and again.job_runs == 0
             assert len([c for c in sim.ledger.calls if c["route"] == "report"]) == 2
+            # The backend offers the parked job again: skipped (nothing sent), not a hot loop.
+            sim.reoffer(pid)
+            polls_before = sum(1 for c in sim.ledger.calls if c["route"] == "next-job")
+            offered = await work(settings_for(sim, tmp_path))
+            assert offered.skipped == 1 and offered.exit_code == 1
+            polls = sum(1 for c in sim.ledger.calls if c["route"] == "next-job") - polls_before
+            assert polls == 1
+            assert statuses_of(sim, pid) == ["processing", "completed"]
             with Store.open(tmp_path) as store:
                 (job,) = store.parked_jobs()
                 assert job.project_id == pid
