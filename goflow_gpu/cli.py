@@ -122,6 +122,13 @@ MetricsPortOpt = Annotated[
         help="Serve /metrics, /healthz and /readyz on this port [env GOFLOW_METRICS_PORT]."
     ),
 ]
+PromptsDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Prompt catalog folder; checked before any job is taken [env GOFLOW_PROMPTS_DIR].",
+        show_default=False,
+    ),
+]
 LogFormatOpt = Annotated[
     str | None,
     typer.Option(help="auto (JSON unless on a terminal) | json | console [env GOFLOW_LOG_FORMAT]."),
@@ -177,7 +184,7 @@ def _work(burst: bool, config: Path | None, **flags: Any) -> None:
     err.print(
         f"{'drained' if result.drained else 'done'}: "
         f"{result.closed}/{result.job_runs} job runs closed, "
-        f"{result.skipped} skipped, {result.unfinished} unfinished",
+        f"{result.skipped} skipped, {result.parked} parked, {result.unfinished} unfinished",
         highlight=False,
     )
     raise typer.Exit(result.exit_code)
@@ -192,11 +199,14 @@ def serve(
     model: ModelOpt = None,
     log_format: LogFormatOpt = None,
     metrics_port: MetricsPortOpt = None,
+    prompts_dir: PromptsDirOpt = None,
 ) -> None:
     """Run the worker forever: resume unfinished jobs, then poll next-job (with backoff).
 
-    SIGTERM or Ctrl-C stops polling, lets in-flight requests finish and be reported, records
-    the state and exits 0; the next start resumes the job where it stopped.
+    SIGTERM or Ctrl-C stops polling and new inference, gives in-flight requests
+    drain_timeout (GOFLOW_DRAIN_TIMEOUT, 20 s) to finish and be reported, records the state
+    and exits 0; the next start resumes the job where it stopped. Backend and image-host
+    outages are waited out (never a lost result); /readyz says what it waits for.
     """
     _work(
         False,
@@ -207,6 +217,7 @@ def serve(
         model=model,
         log_format=log_format,
         metrics_port=metrics_port,
+        prompts_dir=prompts_dir,
     )
 
 
@@ -219,6 +230,7 @@ def run(
     model: ModelOpt = None,
     log_format: LogFormatOpt = None,
     metrics_port: MetricsPortOpt = None,
+    prompts_dir: PromptsDirOpt = None,
 ) -> None:
     """Burst mode: process jobs until next-job says there is none, then exit.
 
@@ -237,6 +249,7 @@ def run(
         model=model,
         log_format=log_format,
         metrics_port=metrics_port,
+        prompts_dir=prompts_dir,
     )
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from goflow_gpu.cli import app
+from goflow_gpu.simulator import SimulatorThread
 
 
 def test_version_prints_the_installed_version() -> None:
@@ -29,3 +34,19 @@ def test_a_mistyped_variable_stops_a_command_with_exit_2(monkeypatch: pytest.Mon
     assert result.exit_code == 2
     text = " ".join(result.output.split())  # the console may wrap the line
     assert "GOFLOW_STATEDIR (did you mean GOFLOW_STATE_DIR?)" in text
+
+
+def test_run_with_a_broken_catalog_exits_2_before_taking_a_job(
+    tmp_path: Path, sim_thread: SimulatorThread
+) -> None:
+    catalog = tmp_path / "prompts"
+    catalog.mkdir()
+    (catalog / "object-detection.yaml").write_text("slug: object-detection\nversion: [oops\n")
+    sim_thread.add_job(media=1, analyses=1)
+    harness = Path(__file__).with_name("crash_worker.py")
+    command = [sys.executable, str(harness), "cli", "run", "--base-url", sim_thread.base_url]
+    command += ["--state-dir", str(tmp_path / "state"), "--prompts-dir", str(catalog)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=os.environ)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "prompt catalog" in " ".join(done.stderr.split())
+    assert sim_thread.ledger_snapshot()["calls"] == []  # no job was taken

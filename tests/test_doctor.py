@@ -133,6 +133,7 @@ def test_reachable_backend_is_ok_and_next_job_is_never_called(
     checks = run_doctor(settings_for(tmp_path, backend.url))
     named = by_name(checks)
     assert named["api key"].ok is True
+    assert "present (not verified" in named["api key"].detail  # never "ok" for an unchecked key
     assert named["backend"].ok is True
     assert backend.url in named["backend"].detail
     assert backend.paths == Counter({"/": 1})
