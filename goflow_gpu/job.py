@@ -862,7 +862,7 @@ class JobRunner:
         self._check_resends(resends, "the report")
         pid = self._wire(self.project_id)
         try:
-            await self._backend.call(lambda: self.client.put_report(pid, report), what="PUT report")
+            await self._put(lambda: self.client.put_report(pid, report), "PUT report")
         except ApiError as exc:
             self._settle_put("report", "the report", exc)
         self.store.mark_report(self.project_id, "sent")

@@ -152,6 +152,27 @@ def test_status_and_report_outages_are_waited_out_too(tmp_path: Path) -> None:
     run(go)
 
 
+def test_a_report_outage_across_restarts_never_counts_as_a_crash_loop(tmp_path: Path) -> None:
+    """Each `run` that waits out a report outage re-sends the report's intent on the next start;
+    an outage is no crash loop, so the bounded re-send count starts over and nothing parks."""
+
+    async def go() -> None:
+        async with Simulator(api_key=KEY, seed=35) as sim:
+            manifest = sim.add_job(media=1, analyses=2)
+            pid = manifest["project"]["id"]
+            sim.add_outage("report", 600.0)
+            for _ in range(2):
+                result = await work(settings_for(sim, tmp_path, outage_patience=0.3))
+                assert result.exit_code == 75
+            with Store.open(tmp_path) as store:
+                job = store.job(pid)
+                assert job is not None and job.report == "intent"
+                assert job.put_resends == 0
+                assert not job.parked
+
+    run(go)
+
+
 # -- 3. images -----------------------------------------------------------------------------------
 
 
