@@ -69,6 +69,7 @@ from goflow_gpu.protocol import (
     parse_manifest,
 )
 from goflow_gpu.reporting import build_report
+from goflow_gpu.retry import sleep_unless_stopped
 from goflow_gpu.store import TERMINAL_STATES, ComboKey, ComboRow, Store
 
 log = get_logger(__name__)
@@ -94,6 +95,17 @@ class JobOptions:
     #: status/report PUTs re-sent after an unknown outcome (across restarts) before the job is
     #: parked: a crash loop around one PUT must not re-send it forever.
     max_put_resends: int = 5
+
+    def outage(self, service: str, stopping: asyncio.Event, on_change: OutageHook | None) -> Outage:
+        """The job-level backoff of one service, with these options' patience and bounds."""
+        return Outage(
+            service,
+            stopping=stopping,
+            patience=self.outage_patience,
+            base=self.outage_backoff_min,
+            cap=self.outage_backoff_max,
+            on_change=on_change,
+        )
 
 
 @dataclass
@@ -161,15 +173,8 @@ class JobRunner:
         )
         self._report_q: asyncio.Queue[ComboKey | None] = asyncio.Queue()
         self._fatal: BaseException | None = None
-        outage = {
-            "stopping": stopping,
-            "patience": options.outage_patience,
-            "base": options.outage_backoff_min,
-            "cap": options.outage_backoff_max,
-            "on_change": on_outage,
-        }
-        self._backend = Outage("backend", **outage)  # type: ignore[arg-type]
-        self._image_hosts = Outage("image hosts", **outage)  # type: ignore[arg-type]
+        self._backend = options.outage("backend", stopping, on_outage)
+        self._image_hosts = options.outage("image hosts", stopping, on_outage)
         self._intents: set[str] = set()  # status intents recorded by this run
         self._put_failure: BaseException | None = None  # a status PUT's definite failure
         self._in_flight: set[asyncio.Future[InferenceResult]] = set()
@@ -391,7 +396,7 @@ class JobRunner:
                 if self.stopping.is_set():
                     log.info("draining: no new inference requests")
                     return
-                _, fetched = await downloads[key]
+                fetched = await downloads[key]
                 if fetched is None:
                     continue  # stopped while its host was down: the rows stay pending
                 rows = groups[key]
@@ -436,15 +441,12 @@ class JobRunner:
             finally:
                 stop.cancel()
 
-    async def _fetch(
-        self, media_id: str, variant: str
-    ) -> tuple[tuple[str, str], FetchedImage | MediaError | None]:
+    async def _fetch(self, media_id: str, variant: str) -> FetchedImage | MediaError | None:
         """One image, waiting out its host's outages; ``None`` when stopped while waiting.
 
         Only a permanent failure (404/410, not an image, too large, a bomb, a refused URL) is a
         :class:`MediaError`; transient ones never fail a combination.
         """
-        key = (media_id, variant)
         media = self._media[media_id]
         with bind(media_id=media_id):
             try:
@@ -453,13 +455,13 @@ class JobRunner:
                     what=f"image {media_id} ({variant})",
                 )
             except Stopped:
-                return key, None
+                return None
             except MediaError as exc:
                 log.warning("media unavailable", variant=variant, reason=str(exc))
                 self.events.emit(
                     "media_ready", self.project_id, media_id, variant=variant, error=str(exc)
                 )
-                return key, exc
+                return exc
             self.events.emit(
                 "media_ready",
                 self.project_id,
@@ -468,7 +470,7 @@ class JobRunner:
                 downloaded=image.downloaded,
                 error=None,
             )
-            return key, image
+            return image
 
     async def _fail_media(self, row: ComboRow, reason: str) -> None:
         body = self._body(
@@ -512,7 +514,7 @@ class JobRunner:
         for engine_try in range(self.options.engine_retries + 1):
             if self._aborting or (engine_try and self.stopping.is_set()):
                 return None
-            if engine_try and not await self._pause(0.5 * engine_try):
+            if engine_try and not await sleep_unless_stopped(0.5 * engine_try, self.stopping):
                 return None
             self.events.emit(
                 "inference_started",
@@ -551,14 +553,6 @@ class JobRunner:
                 "engine failed a request", error=result.error[:500], engine_try=engine_try + 1
             )
         return result
-
-    async def _pause(self, seconds: float) -> bool:
-        """Sleep unless stopping; False when the stop came first."""
-        try:
-            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
-        except TimeoutError:
-            return True
-        return False
 
     async def _infer_one(self, row: ComboRow) -> None:
         image = self.store.media(self.project_id, row.key.media_id, row.variant)
@@ -730,13 +724,11 @@ class JobRunner:
             self.events.emit("post_started", *_ids(key))
             try:
                 return await self.client.post_result(*ids, body)
-            except TransientError as exc:
+            except ApiError as exc:
                 # A refused connect or a 429 delivered nothing; a timeout, a cut or a 5xx may have.
                 unknown = unknown or exc.prior_attempt_unknown
-                self._posted(row, exc.status, "retry")
-                raise
-            except ApiError as exc:
-                unknown = unknown or exc.prior_attempt_unknown
+                if isinstance(exc, TransientError):
+                    self._posted(row, exc.status, "retry")
                 raise
 
         try:

@@ -58,7 +58,7 @@ class Outage:
 
     ``base``/``cap`` bound the delay between probes (full jitter above ``base``: the delay is
     drawn from ``[base, min(cap, base * 2**n)]``); ``retry_after_max`` caps a server's
-    Retry-After. ``clock``/``sleep``/``rng`` are seams for tests.
+    Retry-After. ``clock``/``rng`` are seams for tests.
     """
 
     def __init__(

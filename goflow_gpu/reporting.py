@@ -83,6 +83,11 @@ def key_findings(rows: Sequence[ComboRow]) -> tuple[str, dict[str, Any]]:
     }
 
 
+def _passed(row: ComboRow) -> bool:
+    """A combination the backend holds as completed (every other one counts as failed)."""
+    return row.result_status == "completed" and row.state == "reported"
+
+
 def qa_retries_of(row: ComboRow) -> int:
     """QA re-asks made for one combination: every failed attempt was followed by a re-ask,
     except the last one of a combination that never passed (its tries ran out).
@@ -102,8 +107,8 @@ def build_report(
 ) -> ReportBody:
     """The report body for a job whose combinations are all terminal and reported."""
     total = len(rows)
-    completed = [r for r in rows if r.result_status == "completed" and r.state == "reported"]
-    failed = [r for r in rows if not (r.result_status == "completed" and r.state == "reported")]
+    completed = [r for r in rows if _passed(r)]
+    failed = [r for r in rows if not _passed(r)]
     # One pass over the rows (a 10,000-image job has 250,000 of them): per analysis id.
     per_id: dict[str, dict[str, Any]] = {
         a.id: {"completed": 0, "failed": 0, "retries": 0, "retried_then_passed": 0, "seconds": []}
@@ -113,7 +118,7 @@ def build_report(
         stats = per_id.get(row.key.analysis_id)
         if stats is None:
             continue
-        passed = row.result_status == "completed" and row.state == "reported"
+        passed = _passed(row)
         stats["completed" if passed else "failed"] += 1
         stats["retries"] += qa_retries_of(row)
         stats["retried_then_passed"] += passed and row.attempts > 0

@@ -46,6 +46,7 @@ __all__ = [
     "is_testing",
     "parse_retry_after",
     "set_testing",
+    "sleep_unless_stopped",
 ]
 
 T = TypeVar("T")
@@ -259,15 +260,20 @@ async def call_with_retry(
             last = exc
         if stop is None:
             await do_sleep(delay)
-        elif not await _sleep_unless_stopped(do_sleep, delay, stop):
+        elif not await sleep_unless_stopped(delay, stop, do_sleep):
             raise last
         attempt += 1
 
 
-async def _sleep_unless_stopped(
-    do_sleep: Callable[[float], Awaitable[None]], delay: float, stop: asyncio.Event
+async def sleep_unless_stopped(
+    delay: float,
+    stop: asyncio.Event,
+    do_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> bool:
-    """Sleep ``delay`` seconds; False (at once) when ``stop`` is or gets set."""
+    """Sleep ``delay`` seconds (with ``do_sleep``); False, at once, when ``stop`` is or gets set.
+
+    The one stop-aware wait of the worker: retry backoffs, the engine's re-tries and the idle
+    polls all wake on the drain switch through it."""
     if stop.is_set():
         return False
     nap = asyncio.ensure_future(do_sleep(delay))

@@ -176,6 +176,10 @@ MIGRATIONS: Final[tuple[tuple[str, str], ...]] = (
     ),
 )
 
+# One job by id, compared canonically: new rows are stored lower-case (the first test uses the
+# primary key), rows an older version stored in the server's case still match.
+_JOB_BY_ID: Final = "SELECT * FROM jobs WHERE project_id = lower(?) OR lower(project_id) = lower(?)"
+
 # Legal combination transitions: method name -> (states it may start from, state it leads to).
 _TRANSITIONS: Final[dict[str, tuple[tuple[str, ...], str]]] = {
     "record_attempt": (("pending",), "pending"),
@@ -470,10 +474,7 @@ class Store:
     def job(self, project_id: str) -> JobRow | None:
         """The stored job, or ``None`` if there is none with this id (compared canonically:
         case-insensitive, so ``3FA8...`` finds ``3fa8...``)."""
-        rows = self._query(
-            "SELECT * FROM jobs WHERE project_id = lower(?) OR lower(project_id) = lower(?)",
-            (project_id, project_id),
-        )
+        rows = self._query(_JOB_BY_ID, (project_id, project_id))
         return _job_row(rows[0]) if rows else None
 
     def unfinished_jobs(self) -> list[str]:
@@ -542,10 +543,7 @@ class Store:
         log.info("job closed", project_id=project_id, reason=reason)
 
     def _job_in_tx(self, conn: sqlite3.Connection, project_id: str) -> sqlite3.Row:
-        row = conn.execute(
-            "SELECT * FROM jobs WHERE project_id = lower(?) OR lower(project_id) = lower(?)",
-            (project_id, project_id),
-        ).fetchone()
+        row = conn.execute(_JOB_BY_ID, (project_id, project_id)).fetchone()
         if row is None:
             raise StateError(f"unknown job {project_id}")
         return row  # type: ignore[no-any-return]

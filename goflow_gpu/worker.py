@@ -44,9 +44,10 @@ from goflow_gpu.events import Events
 from goflow_gpu.job import JobOptions, JobOutcome, JobParked, JobRunner
 from goflow_gpu.logs import bind, get_logger
 from goflow_gpu.media import MediaFetcher
-from goflow_gpu.patience import Outage, OutageHook, PatienceExhausted, Stopped
+from goflow_gpu.patience import OutageHook, PatienceExhausted, Stopped
 from goflow_gpu.prompts import Catalog, load_catalog
 from goflow_gpu.protocol import Manifest, parse_manifest
+from goflow_gpu.retry import sleep_unless_stopped
 from goflow_gpu.store import PlannedCombo, Store
 
 log = get_logger(__name__)
@@ -168,15 +169,9 @@ class Worker:
         idle = 0
         refused: set[bytes] = set()  # digests of the invalid manifests seen in this run
         refused_again = 0
-        # next-job outages: serve waits forever, run up to the patience (then exit 75).
-        polls = Outage(
-            "backend",
-            stopping=self.stopping,
-            patience=self.options.outage_patience if burst else None,
-            base=self.options.outage_backoff_min,
-            cap=self.options.outage_backoff_max,
-            on_change=self.on_outage,
-        )
+        # next-job outages: serve waits forever (its options have no patience), run up to the
+        # patience (then exit 75).
+        polls = self.options.outage("backend", self.stopping, self.on_outage)
         while not self.stopping.is_set():
             resumable = self.store.unfinished_jobs()
             if resumable:
@@ -248,13 +243,7 @@ class Worker:
         return max(self.poll_min, self.rng.uniform(0, ceiling))
 
     async def _interruptible_sleep(self, seconds: float) -> None:
-        stop = asyncio.ensure_future(self.stopping.wait())
-        nap = asyncio.ensure_future(self.sleep(seconds))
-        try:
-            await asyncio.wait([stop, nap], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            nap.cancel()
+        await sleep_unless_stopped(seconds, self.stopping, self.sleep)
 
     def _accept(self, raw: Any) -> str:
         """Validate and persist a new job: ``accepted``, ``invalid`` (manifest skipped and kept
