@@ -763,29 +763,21 @@ class Simulator:
 
     async def _admin_add_outage(self, request: web.Request) -> web.Response:
         """``{"spec": "result:2:after=10:retry-after=1"}`` (the ``--outage`` syntax)."""
-        body, error = await _json_body(request)
-        if error is not None:
-            return error
-        if not isinstance(body, dict) or not isinstance(body.get("spec"), str):
-            return _detail(422, 'body must be {"spec": "ROUTE:SECONDS[:after=N]..."}')
-        try:
-            self._outages.append(parse_outage(body["spec"]))
-        except ValueError as exc:
-            return _detail(422, str(exc))
-        return self._outages_json()
+        error = await _add_from_spec(
+            request,
+            "ROUTE:SECONDS[:after=N]...",
+            lambda spec: self._outages.append(parse_outage(spec)),
+        )
+        return error or self._outages_json()
 
     async def _admin_add_answer(self, request: web.Request) -> web.Response:
         """``{"spec": "result:409:accept:detail=already exists"}`` (the ``--answer`` syntax)."""
-        body, error = await _json_body(request)
-        if error is not None:
-            return error
-        if not isinstance(body, dict) or not isinstance(body.get("spec"), str):
-            return _detail(422, 'body must be {"spec": "ROUTE:STATUS[:times=N]..."}')
-        try:
-            self._answers.append(parse_answer(body["spec"]))
-        except ValueError as exc:
-            return _detail(422, str(exc))
-        return web.json_response([asdict(a) for a in self._answers])
+        error = await _add_from_spec(
+            request,
+            "ROUTE:STATUS[:times=N]...",
+            lambda spec: self._answers.append(parse_answer(spec)),
+        )
+        return error or web.json_response([asdict(a) for a in self._answers])
 
     async def _admin_reoffer(self, request: web.Request) -> web.Response:
         """``{"project": "<id>", "upper": false}``: see :meth:`reoffer`."""
@@ -799,6 +791,23 @@ class Simulator:
         except ValueError as exc:
             return _detail(404, str(exc))
         return web.json_response({"status": "queued"})
+
+
+async def _add_from_spec(
+    request: web.Request, usage: str, add: Callable[[str], None]
+) -> web.Response | None:
+    """Read ``{"spec": "..."}`` and ``add`` it; the error answer (422 naming the problem), or
+    ``None`` when it was added."""
+    body, error = await _json_body(request)
+    if error is not None:
+        return error
+    if not isinstance(body, dict) or not isinstance(body.get("spec"), str):
+        return _detail(422, f'body must be {{"spec": "{usage}"}}')
+    try:
+        add(body["spec"])
+    except ValueError as exc:
+        return _detail(422, str(exc))
+    return None
 
 
 class _Raw:

@@ -52,6 +52,12 @@ _ORDER: tuple[tuple[FaultKind, str], ...] = (
 )
 
 
+def check_retry_after(value: str) -> None:
+    """A simulated Retry-After: whole seconds (``"1"``) or ``"date"`` (the HTTP-date form)."""
+    if value != "date" and not value.isdigit():
+        raise ValueError(f"retry-after={value!r} must be whole seconds (e.g. '1') or 'date'")
+
+
 @dataclass(frozen=True)
 class FaultSpec:
     """Per-call fault probabilities on one route (all 0 by default: a healthy route).
@@ -84,10 +90,7 @@ class FaultSpec:
             raise ValueError(f"latency={self.latency} must not be negative")
         if self.slow_seconds <= 0:
             raise ValueError(f"slow-seconds={self.slow_seconds} must be positive")
-        if self.retry_after != "date" and not self.retry_after.isdigit():
-            raise ValueError(
-                f"retry-after={self.retry_after!r} must be whole seconds (e.g. '1') or 'date'"
-            )
+        check_retry_after(self.retry_after)
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,7 @@ __all__ = [
     "FaultPlan",
     "FaultSpec",
     "Faults",
+    "check_retry_after",
     "parse_faults",
     "with_seed",
 ]

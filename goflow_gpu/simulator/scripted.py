@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from goflow_gpu.simulator.faults import ROUTES
+from goflow_gpu.simulator.faults import ROUTES, check_retry_after
 
 
 def _check_route(route: str) -> None:
@@ -81,12 +81,8 @@ class Outage:
         if isinstance(self.after, bool) or not isinstance(self.after, int) or self.after < 0:
             raise ValueError(f"outage after={self.after!r} must be a whole number >= 0")
         _check_status(self.status)
-        if self.retry_after is not None and (
-            self.retry_after != "date" and not self.retry_after.isdigit()
-        ):
-            raise ValueError(
-                f"retry-after={self.retry_after!r} must be whole seconds (e.g. '2') or 'date'"
-            )
+        if self.retry_after is not None:
+            check_retry_after(self.retry_after)
 
     @property
     def closes_at(self) -> float | None:
