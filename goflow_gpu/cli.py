@@ -269,6 +269,12 @@ def _utc(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
+def _say(text: str) -> None:
+    """A line of command output as it is: no markup, no highlighting, never wrapped (reasons
+    come from the backend and must be copied whole)."""
+    out.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def _usage_error(message: str) -> NoReturn:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -348,34 +354,20 @@ def state_show(
         out.print(table)
         parked = [job for job in jobs if job.parked]
         if parked:
-            out.print(
+            _say(
                 f"{len(parked)} job(s) need attention (not resumed until "
-                "`goflow-gpu state retry PROJECT` or `goflow-gpu state abandon PROJECT`):",
-                markup=False,
-                highlight=False,
+                "`goflow-gpu state retry PROJECT` or `goflow-gpu state abandon PROJECT`):"
             )
             for job in parked:
-                out.print(
+                _say(
                     f"  {job.project_id} needs attention since {_utc(job.attention_at)}: "
-                    f"{job.attention}",
-                    markup=False,
-                    highlight=False,
-                    soft_wrap=True,
+                    f"{job.attention}"
                 )
         abandoned = [job for job in jobs if job.state == "closed" and job.closed_reason]
         if abandoned:
-            out.print(
-                f"{len(abandoned)} job(s) closed without their report:",
-                markup=False,
-                highlight=False,
-            )
+            _say(f"{len(abandoned)} job(s) closed without their report:")
             for job in abandoned:
-                out.print(
-                    f"  {job.project_id} closed {_utc(job.closed_at)}: {job.closed_reason}",
-                    markup=False,
-                    highlight=False,
-                    soft_wrap=True,
-                )
+                _say(f"  {job.project_id} closed {_utc(job.closed_at)}: {job.closed_reason}")
         rejected = store.rejected_manifests()
         if rejected:
             out.print(f"{len(rejected)} rejected manifest(s) kept for inspection")
@@ -407,19 +399,11 @@ def state_retry(
                 "the next `goflow-gpu run`/`serve` resumes it by itself"
             )
         store.rearm_job(job.project_id)
-        out.print(
+        _say(
             f"job {job.project_id} re-armed: the next `goflow-gpu run`/`serve` resumes it; "
-            "it re-sends the refused PUT",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
+            "it re-sends the refused PUT"
         )
-        out.print(
-            f"  it was parked since {_utc(job.attention_at)}: {job.attention}",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
-        )
+        _say(f"  it was parked since {_utc(job.attention_at)}: {job.attention}")
 
 
 @state_app.command("abandon")
@@ -452,12 +436,7 @@ def state_abandon(
     summary = ", ".join(f"{k} {v}" for k, v in counts.items())
     if not yes:
         parked = f" (needs attention: {job.attention})" if job.parked else ""
-        out.print(
-            f"job {job.project_id}{parked}: combinations {summary}",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
-        )
+        _say(f"job {job.project_id}{parked}: combinations {summary}")
         try:
             confirmed = typer.confirm(
                 f"Abandon job {job.project_id}? It is closed locally and never resumed; "
@@ -481,18 +460,11 @@ def state_abandon(
             _usage_error(f"{_closed_text(job)}; there is nothing to abandon")
         store.close_job(job.project_id, reason=f"abandoned by operator: {why}")
         counts = store.counts(job.project_id)
-    out.print(
+    _say(
         f"job {job.project_id} abandoned: closed locally, it is never resumed. Nothing was "
-        "sent to the backend.",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
+        "sent to the backend."
     )
-    out.print(
-        "combinations: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
-        markup=False,
-        highlight=False,
-    )
+    _say("combinations: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 @app.command()
