@@ -38,6 +38,7 @@ __all__ = [
     "TABLE",
     "Decision",
     "decide",
+    "is_transient_status",
     "speaks_of_duplicate",
     "table_rows",
 ]
@@ -60,6 +61,12 @@ class Decision(StrEnum):
 
 
 TRANSIENT_STATUSES: Final = frozenset({408, 425, 429})
+
+
+def is_transient_status(status: int) -> bool:
+    """408, 425, 429 and every 5xx: an answer that may go away (the backend and image hosts)."""
+    return status in TRANSIENT_STATUSES or status >= 500
+
 
 #: (endpoint, answer class) -> decision; "duplicate" is a 409 or a 400 that speaks of one,
 #: "duplicate-first" the same answer when no earlier attempt of the call may have landed.
@@ -189,7 +196,7 @@ def answer_class(status: int, detail: str | None) -> str:
         return "2xx"
     if status in (401, 403):
         return "401/403"
-    if status in TRANSIENT_STATUSES or status >= 500:
+    if is_transient_status(status):
         return "408/425/429/5xx"
     if status == 404:
         return "404"

@@ -47,7 +47,7 @@ import aiohttp
 from pydantic import SecretStr, ValidationError
 
 from goflow_gpu import protocol
-from goflow_gpu.answers import speaks_of_duplicate
+from goflow_gpu.answers import is_transient_status, speaks_of_duplicate
 from goflow_gpu.errors import (
     ApiError,
     AuthenticationError,
@@ -217,15 +217,11 @@ def _map_outcome(call: _Call, outcome: _Answer | BaseException) -> Any:
         raise ConflictError(message, **kwargs)
     if status == 422:
         raise UnprocessableError(message, **kwargs)
-    if status in (425, 429) or status >= 500:
+    if is_transient_status(status):
+        cause = "timeout" if status == 408 else "5xx" if status >= 500 else str(status)
         raise TransientError(
-            message,
-            retry_after=parse_retry_after(outcome.retry_after),
-            cause=str(status) if status < 500 else "5xx",
-            **kwargs,
+            message, retry_after=parse_retry_after(outcome.retry_after), cause=cause, **kwargs
         )
-    if status == 408:
-        raise TransientError(message, cause="timeout", **kwargs)
     raise ApiError(message, **kwargs)
 
 

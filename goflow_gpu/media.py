@@ -52,6 +52,7 @@ import aiohttp
 from PIL import Image, UnidentifiedImageError
 from yarl import URL
 
+from goflow_gpu.answers import is_transient_status
 from goflow_gpu.errors import ConfigError, MediaError, StateError, TransientError
 from goflow_gpu.logs import get_logger
 from goflow_gpu.protocol import Media
@@ -366,7 +367,7 @@ class MediaFetcher:
     ) -> tuple[Path, int, str]:
         status = resp.status
         if status != 200:
-            if status in (408, 425, 429) or status >= 500:
+            if is_transient_status(status):
                 raise TransientError(
                     f"{shown}: HTTP {status} {resp.reason or ''}".rstrip(),
                     endpoint="media",
