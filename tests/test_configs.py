@@ -111,7 +111,7 @@ def test_vllm_sampling_is_explicit_not_left_to_generation_config() -> None:
     from goflow_gpu.engines.vllm_engine import VllmEngine
 
     engine = VllmEngine(model="m", seed=3)
-    params = engine._sampling_params(
+    params = engine.sampling_params(
         InferenceRequest(
             request_id="r",
             image_path=Path("x.jpg"),

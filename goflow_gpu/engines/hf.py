@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from goflow_gpu.engines.base import Engine, InferenceRequest, InferenceResult
-from goflow_gpu.engines.images import load_image
+from goflow_gpu.engines.chat import ChatTemplate
+from goflow_gpu.engines.images import prepared_image_cache
 from goflow_gpu.errors import EngineError, GoFlowError
 from goflow_gpu.logs import get_logger
 
@@ -105,6 +106,8 @@ class TransformersEngine(Engine):
         self.device = ""
         self._model: Any = None
         self._processor: Any = None
+        self._template: ChatTemplate | None = None
+        self.images = prepared_image_cache(min_pixels, max_pixels)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[_Pending] | None = None
         self._batcher: asyncio.Task[None] | None = None
@@ -151,6 +154,7 @@ class TransformersEngine(Engine):
                 self._executor.shutdown(wait=False)
                 self._executor = None
                 raise
+            self._template = ChatTemplate(self._processor)
             self._queue = asyncio.Queue()
             self._batcher = asyncio.create_task(self._run_batches(), name="transformers-batcher")
             log.info(
@@ -184,6 +188,8 @@ class TransformersEngine(Engine):
         if self._model is not None:
             self._model = None
             self._processor = None
+            self._template = None
+            self.images.clear()
             gc.collect()
             _empty_cuda_cache()
             log.info("engine closed", engine=self.name)
@@ -282,7 +288,10 @@ class TransformersEngine(Engine):
             try:
                 prepared.append(
                     _Prepared(
-                        request, self._prompt(request), load_image(request.image_path), started
+                        request,
+                        self._prompt(request),
+                        self.images.get(request.image_path).image,
+                        started,
                     )
                 )
             except GoFlowError as exc:
@@ -375,17 +384,9 @@ class TransformersEngine(Engine):
 
     def _prompt(self, request: InferenceRequest) -> str:
         """System turn, then the user turn with the image first (unless ``image_first=False``)."""
-        image_part: dict[str, str] = {"type": "image"}
-        text_part = {"type": "text", "text": request.user_prompt}
-        parts = [image_part, text_part] if request.image_first else [text_part, image_part]
-        messages: list[dict[str, Any]] = []
-        if request.system_prompt:
-            messages.append({"role": "system", "content": request.system_prompt})
-        messages.append({"role": "user", "content": parts})
-        text = self._processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return str(text)
+        if self._template is None:
+            raise EngineError("transformers engine is closed")
+        return self._template.render(request)
 
 
 def _resolve_device(setting: str, cuda_available: bool) -> str:

@@ -51,16 +51,15 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from PIL import Image
 
 from goflow_gpu.engines.base import Engine, InferenceRequest, InferenceResult
-from goflow_gpu.engines.images import load_image
+from goflow_gpu.engines.images import ImageCache, prepare_image
 from goflow_gpu.errors import ConfigError, EngineError, MediaError, TransientError
 from goflow_gpu.logs import get_logger, register_secret
-from goflow_gpu.prompts.geometry import smart_resize
 from goflow_gpu.retry import RetryPolicy, call_with_retry, parse_retry_after
 
 if TYPE_CHECKING:
@@ -68,7 +67,6 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-IMAGE_FACTOR = 28  # Qwen2.5-VL: 14 px patches merged 2x2
 JPEG_QUALITY = 90
 ENDPOINT = "POST chat/completions"
 _SCHEMA_NAME = re.compile(r"[^a-zA-Z0-9_-]+")
@@ -113,6 +111,10 @@ class OpenAIEngine(Engine):
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.served_model: str | None = None
+        # The JPEG data URL of each image, encoded once for all its analyses.
+        self.images: ImageCache[tuple[str, tuple[int, int]]] = ImageCache(
+            self._encode_image, lambda encoded: len(encoded[0])
+        )
         self._session: aiohttp.ClientSession | None = None
         self._semaphore = asyncio.Semaphore(max_in_flight)
         self._start_lock = asyncio.Lock()
@@ -195,7 +197,7 @@ class OpenAIEngine(Engine):
         async with self._semaphore:
             started = time.monotonic()
             try:
-                data_url, image_size = await asyncio.to_thread(self._encode_image, request)
+                data_url, image_size = await self.images.aget(request.image_path)
             except MediaError as exc:
                 return _failed(request, started, str(exc))
             body = self._body(request, data_url)
@@ -217,17 +219,12 @@ class OpenAIEngine(Engine):
                 return _failed(request, started, str(exc), image_size)
             return _parse_answer(request, answer, started, image_size)
 
-    def _encode_image(self, request: InferenceRequest) -> tuple[str, tuple[int, int]]:
-        image = load_image(request.image_path)
-        height, width = smart_resize(
-            image.height, image.width, IMAGE_FACTOR, self.min_pixels, self.max_pixels
-        )
-        if (width, height) != image.size:
-            image = image.resize((width, height), Image.Resampling.BICUBIC)
+    def _encode_image(self, path: Path) -> tuple[str, tuple[int, int]]:
+        prepared = prepare_image(path, self.min_pixels, self.max_pixels)
         buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        prepared.image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
         encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-        return f"data:image/jpeg;base64,{encoded}", (width, height)
+        return f"data:image/jpeg;base64,{encoded}", prepared.size
 
     def _body(self, request: InferenceRequest, data_url: str) -> dict[str, Any]:
         image_part = {"type": "image_url", "image_url": {"url": data_url}}

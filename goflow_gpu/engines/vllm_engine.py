@@ -12,6 +12,13 @@ KV cache in RAM), ``tensor_parallel_size``, ``data_parallel_size``, ``seed``, ``
 (``dummy`` = random weights of the real architecture), ``enforce_eager``, ``min_pixels`` /
 ``max_pixels`` (the image processor's resize bounds) and ``max_in_flight``.
 
+Per request, the main process does as little as it can, since its CPU time is taken from
+feeding the engine: each image file is decoded and resized once (:mod:`~goflow_gpu.engines.images`,
+an LRU bounded in bytes) and handed over at the size the processor picks, named by a content
+digest in ``multi_modal_uuids`` so vLLM neither re-hashes its pixels nor re-runs the image
+processor for the 2nd..25th analysis; each chat template is rendered once per distinct prompt
+(:class:`~goflow_gpu.engines.chat.ChatTemplate`).
+
 Structured outputs use xgrammar with ``disable_any_whitespace``: the JSON comes out compact, so
 the token budget is spent on content rather than padding.
 
@@ -28,24 +35,18 @@ import hashlib
 import itertools
 import time
 import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from goflow_gpu.engines.base import Engine, InferenceRequest, InferenceResult
-from goflow_gpu.engines.images import load_image
+from goflow_gpu.engines.chat import ChatTemplate
+from goflow_gpu.engines.images import PreparedImage, prepared_image_cache
 from goflow_gpu.errors import EngineError, MediaError
 from goflow_gpu.logs import get_logger
-from goflow_gpu.prompts.geometry import smart_resize
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from goflow_gpu.settings import Settings
 
 log = get_logger(__name__)
-
-# Qwen2.5-VL: 14 px patches merged 2x2 into one image token.
-IMAGE_FACTOR = 28
 
 
 #: Every vLLM name this engine imports, as (module, name). The GPU image imports them all at build
@@ -119,7 +120,8 @@ class VllmEngine(Engine):
         self.max_in_flight = max_in_flight
         self.max_num_batched_tokens = max_num_batched_tokens
         self._llm: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
-        self._processor: Any = None  # transformers processor: holds the chat template
+        self._template: ChatTemplate | None = None  # the processor's chat template, once loaded
+        self.images = prepared_image_cache(min_pixels, max_pixels)
         self._start_lock = asyncio.Lock()
         self._closed = False
         self._in_flight: set[str] = set()
@@ -219,23 +221,24 @@ class VllmEngine(Engine):
         # The engine is stored on self, never returned: the executor's futures and frames that
         # carried a return value outlive the call, and would pin the AsyncLLM after close().
         processor, args = self._prepare()
-        self._processor = processor
+        self._template = ChatTemplate(processor)
         self._llm = _build_async_llm(self.model, args)
+
+    def structured_outputs_config(self) -> Any:
+        """xgrammar with compact JSON: the token budget goes to content, not whitespace padding."""
+        from vllm.config import StructuredOutputsConfig
+
+        return StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
 
     def _prepare(self) -> tuple[Any, Any]:
         try:
             from transformers import AutoProcessor
-            from vllm.config import StructuredOutputsConfig
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401 - import it here
         except ImportError as exc:
             raise EngineError(f"the vllm engine needs vllm and transformers: {exc}") from exc
         args = AsyncEngineArgs(
-            **self.engine_kwargs(),
-            # Compact JSON: the token budget goes to content, not to whitespace padding.
-            structured_outputs_config=StructuredOutputsConfig(
-                backend="xgrammar", disable_any_whitespace=True
-            ),
+            **self.engine_kwargs(), structured_outputs_config=self.structured_outputs_config()
         )
         try:
             # The chat template lives with the processor (chat_template.json), not the tokenizer.
@@ -251,7 +254,8 @@ class VllmEngine(Engine):
         """
         self._closed = True
         async with self._start_lock:
-            llm, self._llm, self._processor = self._llm, None, None
+            llm, self._llm, self._template = self._llm, None, None
+            self.images.clear()
             if llm is None:
                 return
             if self._in_flight:
@@ -268,6 +272,15 @@ class VllmEngine(Engine):
             _empty_device_cache()
             log.info("vllm engine closed", model=self.model)
 
+    async def reset_caches(self) -> None:
+        """Empty vLLM's prefix and multimodal caches and this engine's image cache (benchmarks:
+        each measured run starts cold). Call only with no request in flight."""
+        self.images.clear()
+        llm = self._llm
+        if llm is not None:
+            await llm.reset_prefix_cache()
+            await llm.reset_mm_cache()
+
     # -- inference ------------------------------------------------------------------------------
 
     async def infer(self, request: InferenceRequest) -> InferenceResult:
@@ -278,21 +291,19 @@ class VllmEngine(Engine):
         started = time.monotonic()
         if self._llm is None:
             await self.start()
-        llm, processor = self._llm, self._processor
-        if llm is None:  # closed while starting
+        llm, template = self._llm, self._template
+        if llm is None or template is None:  # closed while starting
             raise EngineError("the vLLM engine is closed")
         try:
-            image, image_size = await asyncio.to_thread(self._load_image, request.image_path)
+            image = await self.images.aget(request.image_path)
         except MediaError as exc:
             return InferenceResult(
                 request.request_id, "", "error", started_at=started,
                 finished_at=time.monotonic(), error=str(exc),
             )  # fmt: skip
-        prompt = {
-            "prompt": _render_prompt(processor, request),
-            "multi_modal_data": {"image": image},
-        }
-        params = self._sampling_params(request)
+        image_size = image.size
+        prompt = self.prompt(request, image, template)
+        params = self.sampling_params(request)
         # vLLM needs unique ids; the worker's ids may repeat across QA retries of one combination.
         vllm_id = f"{request.request_id}-{self._id_prefix}-{next(self._ids)}"
         final: Any = None
@@ -343,14 +354,28 @@ class VllmEngine(Engine):
             finished_at=finished,
         )
 
-    def _load_image(self, path: Path) -> tuple[Image.Image, tuple[int, int]]:
-        image = load_image(path)
-        height, width = smart_resize(
-            image.height, image.width, IMAGE_FACTOR, self.min_pixels, self.max_pixels
-        )
-        return image, (width, height)
+    @staticmethod
+    def prompt(request: InferenceRequest, image: PreparedImage, template: ChatTemplate) -> Any:
+        """vLLM's prompt dict for ``request``: the rendered chat text and the prepared image.
 
-    def _sampling_params(self, request: InferenceRequest) -> Any:
+        The image is already at the size the processor picks, and ``multi_modal_uuids`` names it
+        by its content, so vLLM neither hashes its pixels nor runs the image processor again for
+        the 2nd..25th analysis of one image (its processor cache is keyed by that name).
+        """
+        return {
+            "prompt": template.render(request),
+            "multi_modal_data": {"image": image.image},
+            "multi_modal_uuids": {"image": [image.uuid]},
+        }
+
+    @property
+    def template(self) -> ChatTemplate:
+        """The loaded chat template; raises :class:`EngineError` before :meth:`start`."""
+        if self._template is None:
+            raise EngineError("the vLLM engine is not started")
+        return self._template
+
+    def sampling_params(self, request: InferenceRequest) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
         structured = (
@@ -367,19 +392,6 @@ class VllmEngine(Engine):
             structured_outputs=structured,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-
-
-def _render_prompt(processor: Any, request: InferenceRequest) -> str:
-    """The chat-template text: system turn, then the user turn with the image placeholder."""
-    image_part: dict[str, Any] = {"type": "image"}
-    text_part: dict[str, Any] = {"type": "text", "text": request.user_prompt}
-    user = [image_part, text_part] if request.image_first else [text_part, image_part]
-    messages = [
-        {"role": "system", "content": [{"type": "text", "text": request.system_prompt}]},
-        {"role": "user", "content": user},
-    ]
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return str(text)
 
 
 def _build_async_llm(model: str, args: Any) -> Any:
