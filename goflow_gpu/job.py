@@ -480,8 +480,8 @@ class JobRunner:
             user_prompt=row.user_prompt,
             seconds=0.0,
         )
-        self.store.record_attempt(row.key, [reason])
-        self.store.mark_ready(row.key, body, "failed")
+        await self.store.run(self.store.record_attempt, row.key, [reason])
+        await self.store.run(self.store.mark_ready, row.key, body, "failed")
         await self._report_q.put(row.key)
 
     # -- inference + QA -------------------------------------------------------------------------
@@ -555,7 +555,9 @@ class JobRunner:
         return result
 
     async def _infer_one(self, row: ComboRow) -> None:
-        image = self.store.media(self.project_id, row.key.media_id, row.variant)
+        image = await self.store.run(
+            self.store.media, self.project_id, row.key.media_id, row.variant
+        )
         if image is None or image.path is None or image.width is None or image.height is None:
             raise StateError(f"image of {row.key} vanished from the cache")
         original = (image.width, image.height)
@@ -602,7 +604,9 @@ class JobRunner:
             for name in totals:
                 totals[name] += getattr(result, name) or 0
             if result.error is not None:
-                self._engine_failed(row, result.error, user_prompt, time.monotonic() - started)
+                await self._engine_failed(
+                    row, result.error, user_prompt, time.monotonic() - started
+                )
                 await self._report_q.put(row.key)
                 return
             attempts_left -= 1
@@ -635,7 +639,9 @@ class JobRunner:
             )
             if verdict.passed:
                 break
-            attempts = self.store.record_attempt(row.key, verdict.reasons, metrics=None)
+            attempts = await self.store.run(
+                self.store.record_attempt, row.key, verdict.reasons, metrics=None
+            )
             row.attempts = attempts
             log.info("qa failed", attempt=attempts, reasons=verdict.reasons[:5])
             if attempts_left > 0:
@@ -644,7 +650,7 @@ class JobRunner:
         metrics: dict[str, Any] = {"inference_seconds": seconds, **totals}
         if verdict.passed and verdict.result is not None:
             body = self._body(row, "completed", verdict.result, user_prompt, seconds)
-            self.store.mark_ready(row.key, body, "completed", metrics=metrics)
+            await self.store.run(self.store.mark_ready, row.key, body, "completed", metrics=metrics)
             log.info("analysis passed qa", slug=row.slug, seconds=round(seconds, 3))
         else:
             failure = {
@@ -654,11 +660,13 @@ class JobRunner:
                 "raw_output": raw_text[:2000],
             }
             body = self._body(row, "failed", failure, user_prompt, seconds)
-            self.store.mark_ready(row.key, body, "failed", metrics=metrics)
+            await self.store.run(self.store.mark_ready, row.key, body, "failed", metrics=metrics)
             log.warning("analysis failed qa", slug=row.slug, reasons=verdict.reasons[:5])
         await self._report_q.put(row.key)
 
-    def _engine_failed(self, row: ComboRow, error: str, user_prompt: str, seconds: float) -> None:
+    async def _engine_failed(
+        self, row: ComboRow, error: str, user_prompt: str, seconds: float
+    ) -> None:
         """The engine kept failing this one request: a visible failure, not a QA verdict."""
         failure = {
             "error": "engine_error",
@@ -666,7 +674,9 @@ class JobRunner:
             "engine_tries": self.options.engine_retries + 1,
         }
         body = self._body(row, "failed", failure, user_prompt, seconds)
-        self.store.mark_ready(row.key, body, "failed", metrics={"inference_seconds": seconds})
+        await self.store.run(
+            self.store.mark_ready, row.key, body, "failed", metrics={"inference_seconds": seconds}
+        )
         log.error("engine failed this request every time", slug=row.slug, error=error[:500])
 
     def _body(
@@ -709,7 +719,7 @@ class JobRunner:
             await self._ensure_status("processing")
         except Stopped:
             return
-        row = self.store.combo(key)
+        row = await self.store.run(self.store.combo, key)
         if row.state in TERMINAL_STATES:
             return
         assert row.body is not None
@@ -720,7 +730,7 @@ class JobRunner:
 
         async def one_round() -> int:
             nonlocal unknown
-            self.store.mark_posting(key)
+            await self.store.run(self.store.mark_posting, key)  # durable before the POST
             self.events.emit("post_started", *_ids(key))
             try:
                 return await self.client.post_result(*ids, body)
@@ -739,30 +749,32 @@ class JobRunner:
         except AuthenticationError:
             raise
         except ApiError as exc:
-            self._settle_result(row, exc, prior_unknown=unknown)
+            await self._settle_result(row, exc, prior_unknown=unknown)
             return
-        self.store.mark_reported(key, code)
+        await self.store.run(self.store.mark_reported, key, code)
         self._posted(row, code, "accepted")
         log.info("result reported", slug=row.slug, status=row.result_status, http_status=code)
 
-    def _settle_result(self, row: ComboRow, exc: ApiError, *, prior_unknown: bool) -> None:
+    async def _settle_result(self, row: ComboRow, exc: ApiError, *, prior_unknown: bool) -> None:
         """A result POST got a definite answer that is not a success (see answers.TABLE)."""
         key = row.key
         status = exc.status
         detail = exc.detail_text[:1000] or str(exc)[:1000]
         if status is None:
             # The client refused to send it (an unencodable body): nothing can fix that.
-            self.store.mark_rejected(key, None, detail)
+            await self.store.run(self.store.mark_rejected, key, None, detail)
             log.error("result refused before sending", slug=row.slug, detail=detail)
             self._posted(row, None, "rejected")
             return
         decision = decide("result", status, exc.detail_text, prior_unknown=prior_unknown)
         if decision is Decision.LANDED:
-            self.store.mark_reported(key, status, f"duplicate after unknown outcome: {detail}")
+            await self.store.run(
+                self.store.mark_reported, key, status, f"duplicate after unknown outcome: {detail}"
+            )
             log.info("result already accepted earlier", slug=row.slug, http_status=status)
             self._posted(row, status, "duplicate")
             return
-        self.store.mark_rejected(key, status, detail)
+        await self.store.run(self.store.mark_rejected, key, status, detail)
         log.error("result refused", slug=row.slug, http_status=status, detail=detail)
         self._posted(row, status, "rejected")
 

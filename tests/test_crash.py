@@ -143,7 +143,10 @@ def check_killed_transaction_left_no_trace(state: Path, point: str) -> None:
     _, prefix, nth, _ = point.split(":")
     check_database(state)
     with Store.open(state) as store:
-        assert committed(store, prefix) == int(nth) - 1, f"{prefix}: a torn transaction stuck"
+        # Changes the job makes through Store.run may share one commit with changes queued with
+        # them: those die with the N-th and none of their callers had been told it was done.
+        # So at most N-1 stuck, never the torn N-th.
+        assert committed(store, prefix) <= int(nth) - 1, f"{prefix}: a torn transaction stuck"
 
 
 def problems_beyond_the_contract(

@@ -6,6 +6,7 @@ change to the state machine in the store has to be made on purpose in both place
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -717,3 +718,97 @@ def test_json_columns_survive_unicode(store: Store) -> None:
     finally:
         reader.close()
     assert json.loads(stored) == raw
+
+
+# ---------------------------------------------------------------------- off the loop, in groups
+
+
+def _committed_states(path: Path) -> dict[str, str]:
+    """States as another connection sees them: only what was committed."""
+    conn = sqlite3.connect(path)
+    try:
+        return dict(conn.execute("SELECT media_id || ':' || analysis_id, state FROM combos"))
+    finally:
+        conn.close()
+
+
+def test_run_resumes_after_the_change_is_committed(store: Store, job: dict[str, Any]) -> None:
+    key = first_key(job)
+    name = f"{key.media_id}:{key.analysis_id}"
+
+    async def main() -> None:
+        await store.run(store.mark_ready, key, body("completed"), "completed")
+        assert _committed_states(store.path)[name] == "ready"
+        await store.run(store.mark_posting, key)
+        assert _committed_states(store.path)[name] == "posting"
+        row = await store.run(store.combo, key)
+        assert row.state == "posting" and row.post_attempts == 1
+
+    asyncio.run(main())
+
+
+def test_changes_queued_together_share_commits(store: Store) -> None:
+    raw = manifest(n_media=6, n_analyses=5)
+    store.create_job(raw, plan(raw))
+    keys = [
+        ComboKey(raw["project"]["id"], m["id"], a["id"])
+        for m in raw["media"]
+        for a in raw["analyses"]
+    ]
+
+    async def one(key: ComboKey) -> None:
+        await store.run(store.mark_ready, key, body("failed"), "failed")
+        await store.run(store.mark_posting, key)
+        await store.run(store.mark_reported, key, 201)
+
+    async def main() -> None:
+        await asyncio.gather(*(one(k) for k in keys))
+
+    asyncio.run(main())
+    commits, calls = store.group_stats
+    assert calls == 3 * len(keys) == 90
+    assert commits < calls  # 30 tasks queue their changes while the writer commits
+    assert set(_committed_states(store.path).values()) == {"reported"}
+
+
+def test_a_refused_change_in_a_group_fails_only_its_caller(
+    store: Store, job: dict[str, Any]
+) -> None:
+    pid = job["project"]["id"]
+    first, second = (ComboKey(pid, m["id"], job["analyses"][0]["id"]) for m in job["media"])
+
+    async def main() -> list[Any]:
+        return list(
+            await asyncio.gather(
+                store.run(store.mark_ready, first, body("completed"), "completed"),
+                store.run(store.mark_reported, second, 201),  # pending -> reported: illegal
+                store.run(store.mark_ready, second, body("failed"), "failed"),
+                return_exceptions=True,
+            )
+        )
+
+    outcomes = asyncio.run(main())
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], StateError)
+    states = _committed_states(store.path)
+    assert states[f"{first.media_id}:{first.analysis_id}"] == "ready"
+    assert states[f"{second.media_id}:{second.analysis_id}"] == "ready"
+
+
+def test_close_commits_what_is_queued(tmp_path: Path) -> None:
+    raw = manifest()
+    store = Store.open(tmp_path / "state")
+    store.create_job(raw, plan(raw))
+    key = first_key(raw)
+
+    async def main() -> None:
+        # Queued, not awaited: close() must still commit it before the connection goes.
+        pending = asyncio.ensure_future(store.run(store.mark_ready, key, body("failed"), "failed"))
+        await asyncio.sleep(0)
+        store.close()
+        await pending
+
+    asyncio.run(main())
+    assert _committed_states(tmp_path / "state" / "state.db")[
+        f"{key.media_id}:{key.analysis_id}"
+    ] == ("ready")
