@@ -1,7 +1,8 @@
 #!/usr/bin/env sh
 # The prepared GPU benchmark (see goflow_gpu/bench/gpu.py and docs/PERFORMANCE.md).
 #
-#   bench/gpu_bench.sh OUTDIR [--arch 7b|3b] [--media 20] [--analyses 25] [--max-tokens 64]
+#   bench/gpu_bench.sh OUTDIR [--engine vllm|transformers] [--arch 7b|3b] [--media 20]
+#                     [--analyses 25] [--max-tokens 64]
 #
 # Needs one NVIDIA GPU, torch, transformers, aiohttp, pillow, pyyaml, rich, typer. pydantic,
 # pydantic-settings and jsonschema may be missing there: put their wheels (and their own

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -318,3 +319,65 @@ def test_cached_maximum_is_counted_with_the_models_tokenizer(
     assert figures["ledger_problems"] == 0
     # 2 images x (3 - 1) analyses that could reuse each image's shared prefix: positive.
     assert figures["cached_tokens_max"] > 0
+
+
+def _run(label: str, engine: str, wall: float, prompt: int, generated: int, cached: int) -> Any:
+    from goflow_gpu.bench.runner import RunResult
+
+    figures = {
+        "wall_s": wall,
+        "prompt_tokens": prompt,
+        "generated_tokens": generated,
+        "cached_tokens": cached,
+    }
+    return RunResult(label=label, engine=engine, config={}, figures=figures)
+
+
+def test_offline_check_is_the_ratio_of_the_medians_with_equal_token_counts() -> None:
+    from goflow_gpu.bench.offline import offline_comparison
+
+    runs = [
+        _run("w1", "vllm", 22.0, 100, 10, 50),
+        _run("o1", "vllm-offline", 20.0, 100, 10, 48),
+        _run("w2", "vllm", 21.0, 100, 10, 50),
+        _run("o2", "vllm-offline", 19.0, 100, 10, 50),
+        _run("w3", "vllm", 30.0, 100, 10, 50),
+        _run("o3", "vllm-offline", 25.0, 100, 10, 50),
+    ]
+    checks = offline_comparison(runs)["checks"]
+    # medians: worker 22.0, offline 20.0 -> 1.1, just inside the target
+    assert checks[0]["value"] == pytest.approx(1.1)
+    assert checks[0]["met"] is True
+    assert checks[1]["what"] == "prompt_tokens worker / LLM.generate (300 / 300)"
+    assert checks[1]["met"] is True and checks[2]["met"] is True
+    assert checks[3]["what"] == "cached_tokens worker / LLM.generate (150 / 148)"
+    assert checks[3]["met"] is None  # reported, not a target
+    runs[1] = _run("o1", "vllm-offline", 20.0, 100, 11, 48)  # one more generated token
+    runs[5] = _run("o3", "vllm-offline", 19.5, 100, 10, 50)
+    checks = offline_comparison(runs)["checks"]
+    assert checks[0]["value"] == pytest.approx(22.0 / 19.5) and checks[0]["met"] is False
+    assert checks[2]["met"] is False
+
+
+def test_offline_comparison_needs_the_vllm_engine(tmp_path: Path) -> None:
+    from goflow_gpu.bench.offline import compare_offline
+    from goflow_gpu.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs the vllm engine, not scripted"):
+        asyncio.run(compare_offline(ScriptedEngine(), BenchConfig(media=1, analyses=1), tmp_path))
+
+
+def test_the_wrapper_keeps_every_request_as_the_engine_got_it(tmp_path: Path) -> None:
+    wrapped = BenchEngine(ScriptedEngine(delay=0.0), max_tokens=8)
+    requests = [
+        InferenceRequest(f"m:a{i}:1", tmp_path / "x.png", "S", f"U{i}", sampling=Sampling(64))
+        for i in range(3)
+    ]
+
+    async def main() -> None:
+        for request in requests:
+            await wrapped.infer(request)
+
+    asyncio.run(main())
+    assert [r.user_prompt for r in wrapped.sent] == ["U0", "U1", "U2"]
+    assert {r.sampling.max_tokens for r in wrapped.sent} == {8}

@@ -37,7 +37,7 @@ def bench(
     compare: Annotated[
         list[str] | None,
         typer.Option(
-            help="Variants to run side by side: layout, report-concurrency, engine "
+            help="Variants to run side by side: layout, report-concurrency, engine, offline "
             "(repeat the option or give a comma list)."
         ),
     ] = None,
@@ -82,6 +82,8 @@ def bench(
                           per-analysis system prompt, text first, analysis-major
       report-concurrency  bounded concurrent POSTs vs one at a time, at 50 ms latency
       engine              every engine installed here on the same job
+      offline             the worker vs vLLM's own LLM.generate on the same requests,
+                          3 times each (vllm engine only; target worker/offline <= 1.10)
 
     \b
     Example:

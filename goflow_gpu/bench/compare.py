@@ -5,7 +5,8 @@
   target: wall time at 50 ms at most 5 % above the same job at 0 ms);
 - ``engine``: every engine installed here on the same job (``openai`` needs a server, so it is
   left out);
-- ``layout``: see :mod:`goflow_gpu.bench.layout`.
+- ``layout``: see :mod:`goflow_gpu.bench.layout`;
+- ``offline``: see :mod:`goflow_gpu.bench.offline`.
 
 Each returns the runs it made and a comparison dict: ``name``, ``checks`` (``what``, ``value``,
 ``target``, ``met``).
@@ -25,7 +26,7 @@ REPORT_LATENCY = 0.05
 REPORT_SLOWDOWN_TARGET = 1.05
 OVERHEAD_TARGET = 0.05
 
-COMPARISONS = ("layout", "report-concurrency", "engine")
+COMPARISONS = ("layout", "report-concurrency", "engine", "offline")
 
 
 def _ratio(numerator: float, denominator: float) -> float:

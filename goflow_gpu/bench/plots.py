@@ -134,8 +134,12 @@ def latency(runs: list[RunResult], path: Path) -> Path:
 
 
 def write_plots(out_dir: Path, runs: list[RunResult]) -> list[Path]:
-    """All plots of ``runs`` into ``out_dir``; returns the files written."""
+    """All plots of ``runs`` into ``out_dir``; returns the files written.
+
+    Runs without pipeline events (the offline batch API's) have nothing to plot.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    runs = [run for run in runs if run.events]
     paths = [timeline(run, out_dir / f"timeline-{_safe(run.label)}.png") for run in runs]
     if runs:
         paths.append(throughput(runs, out_dir / "throughput.png"))

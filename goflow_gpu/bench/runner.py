@@ -26,7 +26,7 @@ from pydantic import SecretStr
 from goflow_gpu.bench.figures import EventLog, compute_figures
 from goflow_gpu.bench.prefix import PrefixCounter
 from goflow_gpu.bench.wrapper import BenchEngine
-from goflow_gpu.engines.base import Engine
+from goflow_gpu.engines.base import Engine, InferenceRequest
 from goflow_gpu.events import Event, Events, Observer
 from goflow_gpu.retry import STATS
 from goflow_gpu.settings import load_settings
@@ -57,7 +57,8 @@ class BenchConfig:
 
 @dataclass
 class RunResult:
-    """The outcome of one run: ``figures`` (JSON-ready) and the raw ``events``."""
+    """The outcome of one run: ``figures`` (JSON-ready), the raw ``events`` and the requests the
+    engine was ``sent``."""
 
     label: str
     engine: str
@@ -65,6 +66,7 @@ class RunResult:
     figures: dict[str, Any]
     events: list[Event] = field(repr=False, default_factory=list)
     problems: list[str] = field(default_factory=list)
+    sent: list[InferenceRequest] = field(repr=False, default_factory=list)
 
 
 def peak_rss_mib() -> float:
@@ -195,4 +197,5 @@ async def run_job(
         figures=figures,
         events=log.events,
         problems=problems,
+        sent=wrapped.sent,
     )

@@ -22,6 +22,7 @@ from goflow_gpu.bench.compare import (
     overhead_check,
 )
 from goflow_gpu.bench.layout import compare_layout
+from goflow_gpu.bench.offline import compare_offline
 from goflow_gpu.bench.plots import write_plots
 from goflow_gpu.bench.prefix import PrefixCounter
 from goflow_gpu.bench.report import write_results
@@ -121,6 +122,11 @@ async def run_suite(
                     max_tokens=config.max_tokens,
                     counter=counter,
                 )
+                comparisons.append(comparison)
+                print_comparison(console, comparison)
+            if "offline" in compare:
+                more, comparison = await compare_offline(engine, config, work)
+                runs += more
                 comparisons.append(comparison)
                 print_comparison(console, comparison)
         finally:

@@ -7,6 +7,9 @@
 - ``naive=True`` turns the production layout into the one the ``layout`` comparison measures
   against: a per-analysis system prompt (``"[slug] " + system``) and the text before the image.
 
+Every request it forwards is kept in ``sent`` (as the wrapped engine got it), so a comparison can
+replay exactly the job's requests elsewhere (``--compare offline``).
+
 Its ``close`` leaves the wrapped engine running, so several runs in one process share one loaded
 model; whoever created the inner engine closes it.
 """
@@ -54,6 +57,7 @@ class BenchEngine(Engine):
         self.max_tokens = max_tokens
         self.naive = naive
         self.slug_of = slug_of or {}
+        self.sent: list[InferenceRequest] = []
         self.max_in_flight = inner.max_in_flight
         self.model_label = inner.model_label
         self.supports_json_schema = inner.supports_json_schema  # type: ignore[misc]
@@ -76,4 +80,6 @@ class BenchEngine(Engine):
         return request
 
     async def infer(self, request: InferenceRequest) -> InferenceResult:
-        return await self.inner.infer(self.rewrite(request))
+        rewritten = self.rewrite(request)
+        self.sent.append(rewritten)
+        return await self.inner.infer(rewritten)
