@@ -80,6 +80,8 @@ def demo_settings(
             enforce_eager=True,
             max_model_len=4096,
             max_num_seqs=16,
+            max_in_flight=24,  # as configs/cpu-dev.yaml: 1.5x max_num_seqs
+            max_num_batched_tokens=4096,
             min_pixels=64 * 28 * 28,
             max_pixels=256 * 28 * 28,
             qa_retries=1,

@@ -63,6 +63,7 @@ def test_worker_and_offline_batch_run_the_same_requests(
     )
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     offline = next(c for c in data["comparisons"] if c["name"] == "offline")
+    assert offline["max_num_batched_tokens"] == 2048  # the same scheduler budget on both sides
     labels = [r["label"] for r in data["runs"]]
     assert labels == [
         "baseline",

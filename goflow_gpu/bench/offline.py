@@ -45,12 +45,23 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 
 def build_offline_llm(engine: VllmEngine) -> Any:
-    """``vllm.LLM`` with the engine's own arguments (blocking; seconds to minutes)."""
+    """``vllm.LLM`` with the started engine's own arguments (blocking; seconds to minutes).
+
+    The scheduler budget is the one the engine resolved: left unset, ``LLM()`` and ``AsyncLLM``
+    pick different defaults (see :meth:`VllmEngine.engine_kwargs`).
+    """
     from vllm import LLM
 
-    return LLM(
-        **engine.engine_kwargs(), structured_outputs_config=engine.structured_outputs_config()
-    )
+    kwargs = engine.engine_kwargs()
+    kwargs["max_num_batched_tokens"] = engine.scheduler_budget
+    llm = LLM(**kwargs, structured_outputs_config=engine.structured_outputs_config())
+    offline_budget = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    if offline_budget != engine.scheduler_budget:  # pragma: no cover - a vLLM change
+        raise ConfigError(
+            f"the offline LLM took max_num_batched_tokens {offline_budget}, the engine "
+            f"{engine.scheduler_budget}: the comparison would not be fair"
+        )
+    return llm
 
 
 def run_offline(llm: Any, engine: VllmEngine, requests: list[InferenceRequest]) -> dict[str, Any]:
@@ -113,7 +124,9 @@ async def compare_offline(
             runs += [worker, offline]
     finally:
         await asyncio.to_thread(_shutdown, llm)
-    return runs, offline_comparison(runs)
+    comparison = offline_comparison(runs)
+    comparison["max_num_batched_tokens"] = engine.scheduler_budget
+    return runs, comparison
 
 
 def offline_comparison(runs: list[RunResult]) -> dict[str, Any]:

@@ -193,6 +193,14 @@ class VllmEngine(Engine):
         return int.from_bytes(digest, "big") % self.data_parallel_size
 
     @property
+    def scheduler_budget(self) -> int | None:
+        """``max_num_batched_tokens`` as the started engine resolved it (None before start)."""
+        llm = self._llm
+        if llm is None:
+            return None
+        return int(llm.vllm_config.scheduler_config.max_num_batched_tokens)
+
+    @property
     def unfinished_requests(self) -> int:
         """Requests vLLM holds right now (queued or running); 0 when not started (metrics)."""
         llm = self._llm
