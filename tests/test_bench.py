@@ -381,3 +381,33 @@ def test_the_wrapper_keeps_every_request_as_the_engine_got_it(tmp_path: Path) ->
     asyncio.run(main())
     assert [r.user_prompt for r in wrapped.sent] == ["U0", "U1", "U2"]
     assert {r.sampling.max_tokens for r in wrapped.sent} == {8}
+
+
+def test_the_gpu_script_runs_vllm_with_the_h200_settings_and_the_offline_comparison(
+    tmp_path: Path,
+) -> None:
+    from goflow_gpu.bench.gpu import gpu_settings, parse_args
+
+    args = parse_args([str(tmp_path / "out"), "--engine", "vllm"])
+    settings, compare, shape = gpu_settings("vllm", tmp_path / "model", args)
+    assert (settings.engine, settings.load_format, settings.dtype) == ("vllm", "dummy", "bfloat16")
+    # configs/h200-7b.yaml, written out: the scheduler budget LLM() would pick on an H200
+    assert (settings.max_num_seqs, settings.max_num_batched_tokens) == (256, 16384)
+    assert (settings.max_in_flight, settings.qa_retries) == (384, 0)
+    assert settings.model == str(tmp_path / "model")
+    assert compare == ["offline"]
+    assert "max_num_batched_tokens 16384" in shape
+
+
+def test_the_gpu_script_runs_transformers_batched_on_cuda(tmp_path: Path) -> None:
+    from goflow_gpu.bench.gpu import gpu_settings, parse_args
+
+    args = parse_args([str(tmp_path / "out"), "--engine", "transformers", "--batch-size", "16"])
+    settings, compare, _shape = gpu_settings("transformers", tmp_path / "model", args)
+    assert (settings.engine, settings.device, settings.load_format) == (
+        "transformers",
+        "cuda",
+        "dummy",
+    )
+    assert (settings.batch_size, settings.max_in_flight) == (16, 32)
+    assert compare == []

@@ -20,8 +20,12 @@ import asyncio
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from goflow_gpu.settings import Settings
 
 #: the engine settings the vLLM run takes (a node like the production ones)
 VLLM_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "h200-7b.yaml"
@@ -54,6 +58,37 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def gpu_settings(
+    engine: str, model_dir: Path, args: argparse.Namespace
+) -> tuple[Settings, list[str], str]:
+    """The settings of the run, its comparisons, and a one-line description of its shape."""
+    from goflow_gpu.settings import load_settings
+
+    common: dict[str, Any] = {
+        "model": str(model_dir),
+        "model_label": f"qwen2.5vl-{args.arch}-random",
+        "load_format": "dummy",
+        "dtype": "bfloat16",
+        "qa_retries": 0,
+    }
+    if engine == "vllm":
+        settings = load_settings(VLLM_CONFIG, engine="vllm", log_format="console", **common)
+        shape = (
+            f"max_num_seqs {settings.max_num_seqs}, max_num_batched_tokens "
+            f"{settings.max_num_batched_tokens}, in flight {settings.max_in_flight}"
+        )
+        return settings, ["offline"], shape
+    settings = load_settings(
+        None,
+        engine="transformers",
+        device="cuda",
+        batch_size=args.batch_size,
+        max_in_flight=2 * args.batch_size,
+        **common,
+    )
+    return settings, [], f"batch {args.batch_size}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the GPU benchmark; returns the exit code."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -62,38 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     from goflow_gpu.engines import create_engine
     from goflow_gpu.engines.tiny import build_random_model_dir
     from goflow_gpu.logs import setup_logging
-    from goflow_gpu.settings import load_settings
 
     console = Console()
     setup_logging("console", "WARNING")
     engine = args.engine or default_engine()
     with tempfile.TemporaryDirectory(prefix="goflow-gpu-bench-") as tmp:
         model_dir = build_random_model_dir(Path(tmp) / f"qwen2.5-vl-{args.arch}", args.arch)
-        common = {
-            "model": str(model_dir),
-            "model_label": f"qwen2.5vl-{args.arch}-random",
-            "load_format": "dummy",
-            "dtype": "bfloat16",
-            "qa_retries": 0,
-        }
-        if engine == "vllm":
-            settings = load_settings(VLLM_CONFIG, engine="vllm", log_format="console", **common)
-            compare = ["offline"]
-            shape = (
-                f"max_num_seqs {settings.max_num_seqs}, max_num_batched_tokens "
-                f"{settings.max_num_batched_tokens}, in flight {settings.max_in_flight}"
-            )
-        else:
-            settings = load_settings(
-                None,
-                engine="transformers",
-                device="cuda",
-                batch_size=args.batch_size,
-                max_in_flight=2 * args.batch_size,
-                **common,
-            )
-            compare = []
-            shape = f"batch {args.batch_size}"
+        settings, compare, shape = gpu_settings(engine, model_dir, args)
         config = BenchConfig(
             media=args.media,
             analyses=args.analyses,
