@@ -32,6 +32,10 @@ def instance_for(schema: dict[str, Any]) -> Any:
         props = schema.get("properties", {})
         return {name: instance_for(props[name]) for name in schema.get("required", props)}
     if kind == "array":
+        if _is_corner_box(schema):
+            # bbox_2d [x1, y1, x2, y2]: corners apart, or QA refuses the box as empty.
+            low = int(schema["items"].get("minimum", 0))
+            return [low, low, low + 1, low + 1]
         return [instance_for(schema.get("items", {})) for _ in range(schema.get("minItems", 1))]
     if kind == "string":
         if "pattern" in schema:
@@ -49,6 +53,15 @@ def instance_for(schema: dict[str, Any]) -> Any:
     if kind == "boolean":
         return True
     return None
+
+
+def _is_corner_box(schema: dict[str, Any]) -> bool:
+    items = schema.get("items")
+    return (
+        schema.get("minItems") == schema.get("maxItems") == 4
+        and isinstance(items, dict)
+        and items.get("type") == "integer"
+    )
 
 
 Script = Callable[[InferenceRequest], str | None]

@@ -24,6 +24,7 @@ from goflow_gpu.prompts import (
     shipped_catalog_dir,
 )
 from goflow_gpu.prompts.cli import app
+from goflow_gpu.prompts.qa import check_output
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,21 +139,82 @@ def test_shipped_spec_names_no_protected_attribute_field(slug):
             assert word not in name.split("_"), f"{slug}: field {name!r}"
 
 
-def test_box_specs_tell_the_model_its_coordinate_space():
+BOX_SLUGS = {
+    "animal-detection",
+    "copy-space",
+    "focal-point",
+    "landmark-recognition",
+    "logo-detection",
+    "object-detection",
+    "people-count",
+    "product-detection",
+    "text-legibility",
+    "text-recognition",
+    "vehicle-detection",
+}
+
+
+def test_box_specs_ask_for_qwens_own_grounding_format():
     catalog = load_catalog()
-    with_boxes = [
-        spec
-        for spec in catalog.specs.values()
-        if any("bounding_box" in n.get("properties", {}) for n in _subschemas(spec.json_schema))
-    ]
-    assert len(with_boxes) >= 10
-    for spec in with_boxes:
-        assert "pixel coordinates of the image as you see it" in spec.user_prompt, spec.slug
+    with_boxes = {
+        slug
+        for slug, spec in catalog.specs.items()
+        if any("bbox_2d" in n.get("properties", {}) for n in _subschemas(spec.json_schema))
+    }
+    assert with_boxes == BOX_SLUGS
+    for slug, spec in catalog.specs.items():
+        # the model is never asked for the wire's form: QA writes bounding_box
+        assert "bounding_box" not in json.dumps(spec.json_schema), slug
+        assert "bounding_box" not in spec.user_prompt, slug
+        assert "width" not in spec.user_prompt, slug
+        if slug not in BOX_SLUGS:
+            continue
+        assert spec.qa.box_fields == ["bbox_2d"], slug
+        assert "pixel coordinates of the image as you see it" in spec.user_prompt, slug
+        assert '"bbox_2d"' in spec.user_prompt and "[x1, y1, x2, y2]" in spec.user_prompt, slug
+        assert "top-left corner (x1, y1), then the bottom-right corner (x2, y2)" in " ".join(
+            spec.user_prompt.split()
+        ), slug
+        (node,) = [
+            n["properties"]["bbox_2d"]
+            for n in _subschemas(spec.json_schema)
+            if "bbox_2d" in n.get("properties", {})
+        ]
+        assert node == {
+            "type": "array",
+            "minItems": 4,
+            "maxItems": 4,
+            "items": {"type": "integer", "minimum": 0, "maximum": 8192},
+        }, slug
 
 
-def test_object_detection_matches_the_contract_example():
-    schema = load_catalog().specs["object-detection"].json_schema
-    example = {
+def test_the_shared_system_prompt_states_the_box_convention():
+    text = " ".join(load_catalog().system_prompt.split())
+    assert '"bbox_2d": [x1, y1, x2, y2]' in text
+    assert "pixel coordinates of the image as you see it" in text
+    assert "width" not in text
+
+
+def test_object_detection_reports_the_contract_example():
+    # The model answers corners in the image as it saw it; QA reports the contract's boxes.
+    catalog = load_catalog()
+    spec = catalog.specs["object-detection"]
+    answer = {
+        "objects_detected": [
+            {"name": "car", "confidence": 0.95, "bbox_2d": [120, 80, 320, 230]},
+            {"name": "person", "confidence": 0.87, "bbox_2d": [350, 120, 430, 300]},
+        ],
+        "image_description": "Street scene with a car parked on the left and a person walking.",
+    }
+    verdict = check_output(
+        json.dumps(answer),
+        catalog.render(spec),
+        spec.qa,
+        original_size=(1024, 768),
+        model_size=(1024, 768),
+    )
+    assert verdict.passed, verdict.reasons
+    assert verdict.result == {
         "objects_detected": [
             {
                 "name": "car",
@@ -167,8 +229,7 @@ def test_object_detection_matches_the_contract_example():
         ],
         "image_description": "Street scene with a car parked on the left and a person walking.",
     }
-    assert list(Draft202012Validator(schema).iter_errors(example)) == []
-    assert "processing_time_seconds" not in schema["required"]
+    assert "processing_time_seconds" not in spec.json_schema["required"]
 
 
 def test_text_legibility_uses_the_greyscale_variant():
@@ -194,7 +255,7 @@ def test_render_uses_the_shared_system_prompt_and_the_spec_texts():
     assert (rendered.max_tokens, rendered.temperature) == (768, 0.0)
     assert (rendered.slug, rendered.version, rendered.variant) == (
         "object-detection",
-        1,
+        2,
         "optimised",
     )
     other = catalog.render(catalog.specs["alt-text"])
@@ -378,6 +439,60 @@ def test_lint_warns_about_override_and_unbounded_schema(tmp_path):
     assert f"{file}:6: json_schema: (top level): object without additionalProperties: false" in (
         warnings
     )
+
+
+BOX_SPEC = """\
+slug: boxes
+name: Boxes
+version: 1
+variant: optimised
+user_prompt: >-
+  Answer with "label", "bounding_box" and "items" in pixel coordinates of the image as you see it.
+json_schema:
+  type: object
+  additionalProperties: false
+  required: [label, bounding_box, items]
+  properties:
+    label: {type: string, maxLength: 20}
+    bounding_box:
+      type: object
+      additionalProperties: false
+      required: [x, y]
+      properties:
+        x: {type: integer, minimum: 0, maximum: 10}
+        y: {type: integer, minimum: 0, maximum: 10}
+    items:
+      type: array
+      maxItems: 2
+      items:
+        type: object
+        additionalProperties: false
+        required: [bbox_2d, area_bbox_2d]
+        properties:
+          bbox_2d: {type: array, minItems: 4, maxItems: 4, items: {type: integer, minimum: 0,
+                                                                   maximum: 100}}
+          area_bbox_2d: {type: array, minItems: 4, maxItems: 4, items: {type: integer,
+                                                                        minimum: 0, maximum: 9}}
+qa:
+  box_fields: [bbox_2d, area_bbox_2d, bounding_box]
+sampling:
+  max_tokens: 64
+  temperature: 0
+"""
+
+
+def test_lint_warns_about_boxes_not_in_qwens_corner_format(tmp_path):
+    directory = write_catalog(tmp_path, {"boxes.yaml": BOX_SPEC})
+    errors, warnings = lint_catalog(directory)
+    assert errors == []
+    file = directory / "boxes.yaml"
+    assert warnings == [
+        f"{file}:13: json_schema: box field 'bounding_box' is not an array of exactly 4 integers "
+        "[x1, y1, x2, y2], the bbox_2d format Qwen2.5-VL is trained on (QA still converts "
+        "{x, y, width, height} objects)",
+        f"{file}:23: json_schema: QA reports every corner box as 'bounding_box', so an object "
+        "holds one box at most and no 'bounding_box' beside it; found bbox_2d, area_bbox_2d",
+    ]
 
 
 # --- packaging -------------------------------------------------------------------------------

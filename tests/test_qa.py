@@ -1,4 +1,9 @@
-"""QA of model answers, box geometry and retry prompts. Expected values are worked out by hand."""
+"""QA of model answers, box geometry and retry prompts. Expected values are worked out by hand.
+
+Answers are in the model's form (boxes as Qwen's ``bbox_2d`` corners in the pixels of the image
+as the model saw it); passed results are in the wire's form (``bounding_box`` ``{x, y, width,
+height}`` in the original image's pixels).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import pytest
 
 from goflow_gpu.errors import MediaError
 from goflow_gpu.prompts import QARules, RenderedPrompt, load_catalog
-from goflow_gpu.prompts.geometry import smart_resize, to_original_box
+from goflow_gpu.prompts.geometry import smart_resize
 from goflow_gpu.prompts.qa import QAVerdict, check_output, retry_user_prompt
 
 CATALOG = load_catalog()
@@ -18,23 +23,46 @@ SIZE = (1024, 768)  # (width, height) of the original image in the examples
 
 
 def box(x: int, y: int, w: int, h: int) -> dict[str, int]:
+    """A wire box: original pixels, top-left corner and size."""
     return {"x": x, "y": y, "width": w, "height": h}
+
+
+def bb(x1: int, y1: int, x2: int, y2: int) -> list[int]:
+    """A model box (``bbox_2d``): top-left and bottom-right corners in the model's pixels."""
+    return [x1, y1, x2, y2]
+
+
+def as_wire(answer: Any) -> Any:
+    """``answer`` as QA reports it when the model saw the original size: every ``bbox_2d``
+    replaced, in place, by ``bounding_box`` with the same corners."""
+    if isinstance(answer, list):
+        return [as_wire(item) for item in answer]
+    if not isinstance(answer, dict):
+        return answer
+    out: dict[str, Any] = {}
+    for key, value in answer.items():
+        if key == "bbox_2d":
+            x1, y1, x2, y2 = value
+            out["bounding_box"] = box(x1, y1, x2 - x1, y2 - y1)
+        else:
+            out[key] = as_wire(value)
+    return out
 
 
 # One hand-written valid answer per shipped spec (not generated from the schemas).
 EXAMPLES: dict[str, dict[str, Any]] = {
     "object-detection": {
         "objects_detected": [
-            {"name": "car", "confidence": 0.95, "bounding_box": box(120, 80, 200, 150)},
-            {"name": "person", "confidence": 0.87, "bounding_box": box(350, 120, 80, 180)},
+            {"name": "car", "confidence": 0.95, "bbox_2d": bb(120, 80, 320, 230)},
+            {"name": "person", "confidence": 0.87, "bbox_2d": bb(350, 120, 430, 300)},
         ],
         "image_description": "Street scene with a parked car and a person walking.",
     },
     "text-recognition": {
         "has_text": True,
         "text_blocks": [
-            {"text": "OPEN", "confidence": 0.9, "bounding_box": box(10, 10, 100, 40)},
-            {"text": "Mon-Fri 9-5", "confidence": 0.7, "bounding_box": box(10, 60, 180, 30)},
+            {"text": "OPEN", "confidence": 0.9, "bbox_2d": bb(10, 10, 110, 50)},
+            {"text": "Mon-Fri 9-5", "confidence": 0.7, "bbox_2d": bb(10, 60, 190, 90)},
         ],
         "full_text": "OPEN Mon-Fri 9-5",
         "language": "English",
@@ -55,14 +83,14 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "count": 2,
         "crowd_level": "small-group",
         "people": [
-            {"confidence": 0.9, "bounding_box": box(100, 200, 80, 300)},
-            {"confidence": 0.6, "bounding_box": box(400, 210, 70, 280)},
+            {"confidence": 0.9, "bbox_2d": bb(100, 200, 180, 500)},
+            {"confidence": 0.6, "bbox_2d": bb(400, 210, 470, 490)},
         ],
         "confidence": 0.85,
     },
     "logo-detection": {
         "has_logos": True,
-        "logos": [{"brand": "unknown", "confidence": 0.4, "bounding_box": box(900, 20, 100, 50)}],
+        "logos": [{"brand": "unknown", "confidence": 0.4, "bbox_2d": bb(900, 20, 1000, 70)}],
     },
     "product-detection": {
         "products": [
@@ -71,7 +99,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
                 "category": "footwear",
                 "brand": "unknown",
                 "confidence": 0.75,
-                "bounding_box": box(300, 400, 250, 150),
+                "bbox_2d": bb(300, 400, 550, 550),
             }
         ]
     },
@@ -129,14 +157,14 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "contrast": "low",
         "smallest_text": "small",
         "score": 5,
-        "low_contrast_regions": [{"bounding_box": box(0, 700, 400, 60)}],
+        "low_contrast_regions": [{"bbox_2d": bb(0, 700, 400, 760)}],
         "issues": ["grey caption on grey background"],
     },
     "focal-point": {
         "focal_point": {
             "subject": "bicycle",
             "confidence": 0.8,
-            "bounding_box": box(380, 250, 300, 300),
+            "bbox_2d": bb(380, 250, 680, 550),
         },
         "strength": "clear",
         "safe_crop_note": "The left third can be cropped.",
@@ -158,7 +186,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
                 "group": "mammal",
                 "count": 1,
                 "confidence": 0.9,
-                "bounding_box": box(500, 500, 120, 90),
+                "bbox_2d": bb(500, 500, 620, 590),
             }
         ],
     },
@@ -188,7 +216,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
                 "position": "top",
                 "background": "plain",
                 "text_colour": "dark",
-                "bounding_box": box(0, 0, 1024, 200),
+                "bbox_2d": bb(0, 0, 1024, 200),
             }
         ],
         "score": 8,
@@ -253,14 +281,16 @@ def test_hand_written_example_passes(slug):
     verdict = check(json.dumps(EXAMPLES[slug]), slug)
     assert verdict.reasons == []
     assert verdict.passed
-    assert verdict.result == EXAMPLES[slug]  # same pixel space: boxes unchanged
+    # same pixel space: the same boxes, reported in the wire's form
+    assert verdict.result == as_wire(EXAMPLES[slug])
+    assert "bbox_2d" not in json.dumps(verdict.result)
 
 
 def test_fenced_json_block_is_accepted():
     text = "```json\n" + json.dumps(EXAMPLES["object-detection"], indent=2) + "\n```"
     verdict = check(text)
     assert verdict.passed, verdict.reasons
-    assert verdict.result == EXAMPLES["object-detection"]
+    assert verdict.result == as_wire(EXAMPLES["object-detection"])
 
 
 def test_plain_fence_without_language_is_accepted():
@@ -336,10 +366,25 @@ def test_missing_field():
 
 def test_missing_nested_field():
     answer = od()
-    del answer["objects_detected"][1]["bounding_box"]["height"]
+    del answer["objects_detected"][1]["bbox_2d"]
     assert check(json.dumps(answer)).reasons == [
-        "objects_detected[1].bounding_box.height: missing required field"
+        "objects_detected[1].bbox_2d: missing required field"
     ]
+
+
+def test_box_with_three_numbers_is_refused_by_the_schema():
+    answer = od()
+    answer["objects_detected"][1]["bbox_2d"] = [350, 120, 80]
+    assert check(json.dumps(answer)).reasons == [
+        "objects_detected[1].bbox_2d: too few items (3, at least 4)"
+    ]
+
+
+def test_box_as_the_old_object_is_refused_by_the_schema():
+    answer = od()
+    answer["objects_detected"][0]["bbox_2d"] = box(120, 80, 200, 150)
+    (reason,) = check(json.dumps(answer)).reasons
+    assert reason.startswith("objects_detected[0].bbox_2d: expected array, got object")
 
 
 def test_unexpected_field():
@@ -380,20 +425,38 @@ def test_out_of_range_confidence_by_rule_when_the_schema_has_no_bound():
 
 def test_box_outside_the_image():
     answer = od()
-    answer["objects_detected"][0]["bounding_box"] = box(900, 100, 300, 100)
+    answer["objects_detected"][0]["bbox_2d"] = bb(900, 100, 1200, 200)
     verdict = check(json.dumps(answer))
     assert not verdict.passed
     assert verdict.reasons == [
-        "objects_detected[0].bounding_box: the box x=900 y=100 width=300 height=100 lies "
-        "outside the image, which is 1024x768 pixels as you see it "
-        "(use pixel coordinates of that image)"
+        "objects_detected[0].bbox_2d: [900, 100, 1200, 200] lies outside the image, which is "
+        "1024x768 pixels as you see it (x from 0 to 1024, y from 0 to 768)"
     ]
 
 
 def test_box_starting_past_the_edge_is_outside_even_within_tolerance():
     answer = od()
-    answer["objects_detected"][0]["bounding_box"] = box(1030, 10, 5, 5)
+    answer["objects_detected"][0]["bbox_2d"] = bb(1030, 10, 1035, 15)
     assert "outside the image" in check(json.dumps(answer)).reasons[0]
+
+
+def test_box_with_swapped_corners_is_refused():
+    answer = od()
+    answer["objects_detected"][0]["bbox_2d"] = bb(320, 80, 120, 230)
+    answer["objects_detected"][1]["bbox_2d"] = bb(430, 300, 350, 120)
+    assert check(json.dumps(answer)).reasons == [
+        "objects_detected[0].bbox_2d: [320, 80, 120, 230] has x2 <= x1; give [x1, y1, x2, y2]: "
+        "the top-left corner, then the bottom-right corner",
+        "objects_detected[1].bbox_2d: [430, 300, 350, 120] has x2 <= x1 and y2 <= y1; give "
+        "[x1, y1, x2, y2]: the top-left corner, then the bottom-right corner",
+    ]
+
+
+def test_empty_box_is_refused():
+    answer = od()
+    answer["objects_detected"][0]["bbox_2d"] = bb(120, 80, 320, 80)
+    (reason,) = check(json.dumps(answer)).reasons
+    assert reason.startswith("objects_detected[0].bbox_2d: [120, 80, 320, 80] has y2 <= y1;")
 
 
 def test_small_overhang_is_clamped_then_converted():
@@ -401,11 +464,20 @@ def test_small_overhang_is_clamped_then_converted():
     # within 2% of 1036 (20.72): clamp to x 1000..1036, y 0..100, then scale:
     # left 1000*1024/1036 = 988.42 -> 988, right 1036 -> 1024, bottom 100*768/756 = 101.59 -> 102
     answer = od()
-    answer["objects_detected"][0]["bounding_box"] = box(1000, 0, 50, 100)
+    answer["objects_detected"][0]["bbox_2d"] = bb(1000, 0, 1050, 100)
     verdict = check(json.dumps(answer), model=(1036, 756))
     assert verdict.passed, verdict.reasons
     assert verdict.result is not None
     assert verdict.result["objects_detected"][0]["bounding_box"] == box(988, 0, 36, 102)
+
+
+def test_overhang_past_the_tolerance_is_refused():
+    # 2% of 1036 is 20.72 px: x2 = 1057 overhangs by 21
+    answer = od()
+    answer["objects_detected"][0]["bbox_2d"] = bb(1000, 0, 1057, 100)
+    (reason,) = check(json.dumps(answer), model=(1036, 756)).reasons
+    assert reason.startswith("objects_detected[0].bbox_2d: [1000, 0, 1057, 100] lies outside")
+    assert "1036x756 pixels as you see it" in reason
 
 
 def test_too_many_items():
@@ -443,12 +515,106 @@ def test_boxes_are_converted_to_original_pixels_on_pass():
     # model 1036x756 (smart_resize of 1024x768); hand-computed: 518 -> 512, 378 -> 384,
     # right 618*1024/1036 = 610.83 -> 611, bottom 428*768/756 = 434.79 -> 435
     answer = od()
-    answer["objects_detected"][0]["bounding_box"] = box(518, 378, 100, 50)
+    answer["objects_detected"][0]["bbox_2d"] = bb(518, 378, 618, 428)
     verdict = check(json.dumps(answer), model=(1036, 756))
     assert verdict.passed, verdict.reasons
     assert verdict.result is not None
-    assert verdict.result["objects_detected"][0]["bounding_box"] == box(512, 384, 99, 51)
-    assert answer["objects_detected"][0]["bounding_box"] == box(518, 378, 100, 50)  # not mutated
+    first = verdict.result["objects_detected"][0]
+    assert first["bounding_box"] == box(512, 384, 99, 51)
+    assert list(first) == ["name", "confidence", "bounding_box"]  # renamed where it was
+    assert answer["objects_detected"][0]["bbox_2d"] == bb(518, 378, 618, 428)  # not mutated
+
+
+def test_every_box_field_of_every_example_is_reported_on_the_wire():
+    # a model image half the original's size: every coordinate doubles on the wire
+    for slug, example in EXAMPLES.items():
+        verdict = check(json.dumps(example), slug, original=(2048, 1536), model=SIZE)
+        assert verdict.passed, (slug, verdict.reasons)
+        text = json.dumps(verdict.result)
+        assert "bbox_2d" not in text
+        assert text.count('"bounding_box"') == json.dumps(example).count('"bbox_2d"')
+    verdict = check(json.dumps(od()), original=(2048, 1536), model=SIZE)
+    assert verdict.result is not None
+    assert [o["bounding_box"] for o in verdict.result["objects_detected"]] == [
+        box(240, 160, 400, 300),
+        box(700, 240, 160, 360),
+    ]
+
+
+def test_the_scripted_engines_default_answers_pass_qa():
+    # Worker tests run the whole pipeline on tests.doubles.ScriptedEngine: its schema-made
+    # answers must pass QA, boxes included, on a resized image.
+    from tests.doubles import instance_for
+
+    for slug in CATALOG.specs:
+        answer = instance_for(CATALOG.specs[slug].json_schema)
+        verdict = check(json.dumps(answer), slug, original=(640, 480), model=(644, 476))
+        assert verdict.passed, (slug, verdict.reasons)
+
+
+def _loose(properties: dict[str, Any]) -> RenderedPrompt:
+    return RenderedPrompt(
+        slug="loose",
+        version=1,
+        variant="optimised",
+        system_prompt="s",
+        user_prompt="u",
+        json_schema={"type": "object", "properties": properties},
+        max_tokens=64,
+        temperature=0.0,
+    )
+
+
+def test_box_checks_do_not_rely_on_the_schema():
+    prompt = _loose({"bbox_2d": {}})
+    for value in ([1, 2, 3], [1, 2, "3", 4], "0 0 10 10", [True, 0, 5, 5]):
+        verdict = check_output(
+            json.dumps({"bbox_2d": value}), prompt, QARules(), original_size=SIZE, model_size=SIZE
+        )
+        assert verdict.reasons == [
+            "bbox_2d: a box is 4 integers [x1, y1, x2, y2]: top-left, then bottom-right corner"
+        ], value
+
+
+def test_a_corner_box_beside_a_bounding_box_is_refused():
+    prompt = _loose({"bbox_2d": {}, "bounding_box": {}, "tag": {}})
+    answer = {"bbox_2d": bb(1, 2, 3, 4), "bounding_box": "elsewhere", "tag": "x"}
+    rules = QARules(box_fields=["bbox_2d"])
+    verdict = check_output(json.dumps(answer), prompt, rules, original_size=SIZE, model_size=SIZE)
+    assert verdict.reasons == ["bbox_2d: remove bounding_box; give each box once, as bbox_2d"]
+
+
+def test_a_job_frozen_with_object_boxes_still_converts_them():
+    # Prompt versions before bbox_2d asked for {x, y, width, height}; a job created with them
+    # keeps that schema and these rules after an upgrade, and must still report right boxes.
+    old_box = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["x", "y", "width", "height"],
+        "properties": {k: {"type": "integer"} for k in ("x", "y", "width", "height")},
+    }
+    prompt = _loose({"bounding_box": old_box})
+    rules = QARules.model_validate({"box_fields": ["bounding_box"], "box_tolerance": 0.02})
+    verdict = check_output(
+        json.dumps({"bounding_box": box(518, 378, 100, 50)}),
+        prompt,
+        rules,
+        original_size=SIZE,
+        model_size=(1036, 756),
+    )
+    assert verdict.passed, verdict.reasons
+    assert verdict.result == {"bounding_box": box(512, 384, 99, 51)}
+    verdict = check_output(
+        json.dumps({"bounding_box": box(900, 100, 300, 100)}),
+        prompt,
+        rules,
+        original_size=SIZE,
+        model_size=SIZE,
+    )
+    assert verdict.reasons == [
+        "bounding_box: the box x=900 y=100 width=300 height=100 lies outside the image, which "
+        "is 1024x768 pixels as you see it (use pixel coordinates of that image)"
+    ]
 
 
 # --- geometry --------------------------------------------------------------------------------
@@ -482,23 +648,6 @@ def test_smart_resize_refuses_extreme_aspect_ratios_and_empty_images():
         smart_resize(10, 3000)
     with pytest.raises(MediaError):
         smart_resize(0, 100)
-
-
-@pytest.mark.parametrize(
-    ("model_size", "original_size", "model_box", "expected"),
-    [
-        ((1036, 756), (1024, 768), box(518, 378, 100, 50), box(512, 384, 99, 51)),
-        # halved for the model: everything doubles back
-        ((2000, 1500), (4000, 3000), box(10, 20, 30, 40), box(20, 40, 60, 80)),
-        # 4000x3000 -> 1148x840: a quarter in, half the size
-        ((1148, 840), (4000, 3000), box(287, 210, 574, 420), box(1000, 750, 2000, 1500)),
-        # upscaled tiny image 30x20 -> 84x56: the right-bottom quadrant
-        ((84, 56), (30, 20), box(42, 28, 42, 28), box(15, 10, 15, 10)),
-        ((640, 480), (640, 480), box(1, 2, 3, 4), box(1, 2, 3, 4)),
-    ],
-)
-def test_to_original_box(model_size, original_size, model_box, expected):
-    assert to_original_box(model_box, model_size, original_size) == expected
 
 
 # --- retry -----------------------------------------------------------------------------------

@@ -83,6 +83,11 @@ def test_full_job_reported_exactly_once(tmp_path: Path, media: int, analyses: in
             assert body["modelUsed"] == "scripted-test-engine"
             assert body["systemPromptUsed"] and body["userPromptUsed"]
             assert "processing_time_seconds" in body["analysisResult"]
+            # boxes reach the wire as the contract's bounding_box, never the model's bbox_2d
+            results = [v[0]["analysisResult"] for v in got.values()]
+            assert not any("bbox_2d" in json.dumps(r) for r in results)
+            boxes = [o["bounding_box"] for r in results for o in r.get("objects_detected", [])]
+            assert boxes and all(set(b) == {"x", "y", "width", "height"} for b in boxes)
         assert not (tmp_path / "media" / project).exists()  # a closed job's images are removed
         with Store.open(tmp_path) as store:
             job = store.job(project)

@@ -8,7 +8,8 @@ Public surface::
     lint_catalog(directory) -> (errors, warnings)
     qa.check_output(text, rendered, rules, original_size=..., model_size=...) -> QAVerdict
     qa.retry_user_prompt(user_prompt, reasons) -> str
-    geometry.smart_resize(height, width, ...) / geometry.to_original_box(...)
+    geometry.smart_resize(height, width, ...)
+    geometry.to_wire_box(corners, ...) / geometry.to_model_corners(box, ...)  # boxes both ways
 
 How to write a spec: PROMPTS.md at the top of the repository.
 """

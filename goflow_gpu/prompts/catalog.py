@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from goflow_gpu.errors import GoFlowError
 from goflow_gpu.logs import get_logger
+from goflow_gpu.prompts.geometry import WIRE_BOX_KEY
 from goflow_gpu.prompts.schemacheck import schema_errors, schema_warnings, walk_schemas
 from goflow_gpu.prompts.spec import (
     CatalogSettings,
@@ -314,9 +315,54 @@ def _spec_warnings(entry: _Entry) -> list[str]:
             f"{entry.where(('user_prompt',))}: the schema has boxes but user_prompt does not say "
             "they are 'pixel coordinates of the image as you see it'"
         )
+    out.extend(_box_warnings(entry))
     if spec.sampling.temperature != 0:
         out.append(
             f"{entry.where(('sampling', 'temperature'))}: temperature {spec.sampling.temperature} "
             "makes answers differ between runs and retries"
         )
     return out
+
+
+def _box_warnings(entry: _Entry) -> list[str]:
+    """Box fields that are not Qwen's corner format, and objects whose boxes would collide."""
+    spec = entry.spec
+    out: list[str] = []
+    for path, node in walk_schemas(spec.json_schema):
+        properties = node.get("properties") or {}
+        corners = []
+        for name, sub in properties.items():
+            if name not in spec.qa.box_fields:
+                continue
+            where = entry.where(("json_schema", *path, "properties", name))
+            if _is_corner_box(sub):
+                corners.append(name)
+            else:
+                out.append(
+                    f"{where}: json_schema: box field '{name}' is not an array of exactly 4 "
+                    "integers [x1, y1, x2, y2], the bbox_2d format Qwen2.5-VL is trained on "
+                    "(QA still converts {x, y, width, height} objects)"
+                )
+        others = (
+            [WIRE_BOX_KEY] if WIRE_BOX_KEY in properties and WIRE_BOX_KEY not in corners else []
+        )
+        if corners and (len(corners) > 1 or others):
+            where = entry.where(("json_schema", *path))
+            out.append(
+                f"{where}: json_schema: QA reports every corner box as '{WIRE_BOX_KEY}', so an "
+                f"object holds one box at most and no '{WIRE_BOX_KEY}' beside it; found "
+                f"{', '.join(corners + others)}"
+            )
+    return out
+
+
+def _is_corner_box(schema: Any) -> bool:
+    if not isinstance(schema, dict) or schema.get("type") != "array":
+        return False
+    items = schema.get("items")
+    return (
+        schema.get("minItems") == 4
+        and schema.get("maxItems") == 4
+        and isinstance(items, dict)
+        and items.get("type") == "integer"
+    )

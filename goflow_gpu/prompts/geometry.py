@@ -3,13 +3,16 @@
 Qwen2.5-VL's processor resizes every image so that both sides are multiples of ``factor`` (the
 14-pixel patch times the 2x2 merge = 28) and the pixel count lies in ``[min_pixels,
 max_pixels]``, keeping the aspect ratio as well as the rounding allows. The model answers box
-coordinates in the pixel space of that resized image, so QA converts them to the original
-media's pixels before checking and reporting.
+coordinates in the pixel space of that resized image: Qwen's grounding format ``bbox_2d``
+``[x1, y1, x2, y2]``, the top-left and bottom-right corners. QA checks them there and converts
+them with :func:`to_wire_box` to the backend's ``{x, y, width, height}`` in the original media's
+pixels; :func:`to_model_corners` is the way back.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from goflow_gpu.errors import MediaError
@@ -18,6 +21,8 @@ IMAGE_FACTOR = 28
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 28 * 28 * 1280
 MAX_ASPECT_RATIO = 200
+#: The key the backend reads a box under: ``{x, y, width, height}`` in original pixels.
+WIRE_BOX_KEY = "bounding_box"
 
 
 def smart_resize(
@@ -59,26 +64,61 @@ def _round_half_even_to(value: int, factor: int) -> int:
     return round(value / factor) * factor
 
 
-def to_original_box(
-    box: dict[str, Any], model_size: tuple[int, int], original_size: tuple[int, int]
+def to_wire_box(
+    corners: Sequence[float], model_size: tuple[int, int], original_size: tuple[int, int]
 ) -> dict[str, int]:
-    """Map ``box`` ``{x, y, width, height}`` from model pixels to original pixels.
+    """Model-space corners ``[x1, y1, x2, y2]`` -> the wire's ``{x, y, width, height}``.
 
-    Sizes are ``(width, height)``. The corners are scaled and rounded, and width and height are
-    taken between the rounded corners, so adjacent boxes stay adjacent after conversion.
+    ``corners`` are the top-left and bottom-right corners in pixels of the image the model saw
+    (Qwen2.5-VL's ``bbox_2d``), with ``x1 < x2`` and ``y1 < y2``; the result is in the original
+    image's pixels. Sizes are ``(width, height)``. Each corner is clamped to the model image,
+    scaled and rounded half up; width and height are taken between the rounded corners, so
+    adjacent boxes stay adjacent. The result covers at least one pixel each way and lies inside
+    the original image.
     """
-    model_w, model_h = model_size
-    orig_w, orig_h = original_size
-    if model_w <= 0 or model_h <= 0:
-        raise ValueError(f"model image size must be positive, got {model_w}x{model_h}")
-    sx = orig_w / model_w
-    sy = orig_h / model_h
-    left = _round_half_up(box["x"] * sx)
-    top = _round_half_up(box["y"] * sy)
-    right = _round_half_up((box["x"] + box["width"]) * sx)
-    bottom = _round_half_up((box["y"] + box["height"]) * sy)
+    return _scale_box(corners, model_size, original_size, "model")
+
+
+def to_model_corners(
+    box: dict[str, Any], original_size: tuple[int, int], model_size: tuple[int, int]
+) -> list[int]:
+    """The wire's ``{x, y, width, height}`` (original pixels) -> model-space ``[x1, y1, x2, y2]``.
+
+    The inverse of :func:`to_wire_box` up to rounding: one pixel of the coarser of the two
+    images. Same rules: clamped to the image, at least one pixel each way.
+    """
+    corners = (box["x"], box["y"], box["x"] + box["width"], box["y"] + box["height"])
+    wire = _scale_box(corners, original_size, model_size, "original")
+    return [wire["x"], wire["y"], wire["x"] + wire["width"], wire["y"] + wire["height"]]
+
+
+def _scale_box(
+    corners: Sequence[float], from_size: tuple[int, int], to_size: tuple[int, int], name: str
+) -> dict[str, int]:
+    from_w, from_h = from_size
+    to_w, to_h = to_size
+    if min(from_w, from_h, to_w, to_h) <= 0:
+        raise ValueError(f"image sizes must be positive, got {from_size} and {to_size}")
+    x1, y1, x2, y2 = corners
+    if not (x1 < x2 and y1 < y2):
+        raise ValueError(f"{name} box {list(corners)} needs x1 < x2 and y1 < y2")
+    left, right = _scale_span(x1, x2, from_w, to_w)
+    top, bottom = _scale_span(y1, y2, from_h, to_h)
     return {"x": left, "y": top, "width": right - left, "height": bottom - top}
 
 
-def _round_half_up(value: float) -> int:
-    return math.floor(value + 0.5)
+def _scale_span(low: float, high: float, from_side: int, to_side: int) -> tuple[int, int]:
+    """``[low, high]`` on a side of ``from_side`` pixels, on a side of ``to_side`` pixels."""
+    start = _scaled(min(max(low, 0), from_side), from_side, to_side)
+    end = _scaled(min(max(high, 0), from_side), from_side, to_side)
+    # At least one pixel, inside the side: a sliver that rounds to nothing keeps one pixel.
+    end = min(max(end, start + 1), to_side)
+    start = min(start, end - 1)
+    return start, end
+
+
+def _scaled(value: float, from_side: int, to_side: int) -> int:
+    """``value * to_side / from_side`` rounded half up; exact for integers (no float ties)."""
+    if isinstance(value, int):
+        return (2 * value * to_side + from_side) // (2 * from_side)
+    return math.floor(value * to_side / from_side + 0.5)

@@ -5,9 +5,11 @@ Steps, each stopping at its first failing stage so reasons stay relevant:
 1. parse: the whole answer must be one JSON object; one fenced block (```json ... ```) around it
    is tolerated, nothing looser (no prose, no JSON picked out of text);
 2. schema: every violation of the spec's JSON schema, as ``field: problem``;
-3. semantics (:class:`~goflow_gpu.prompts.spec.QARules`): confidences in [0, 1]; boxes lie in
-   the image as the model saw it (a small overhang is clamped) and are converted to the
-   original image's pixels; required texts and lists are not empty; listed items are distinct.
+3. semantics (:class:`~goflow_gpu.prompts.spec.QARules`): confidences in [0, 1]; boxes are
+   checked in the pixel space of the image as the model saw it (``bbox_2d`` ``[x1, y1, x2, y2]``
+   with x1 < x2 and y1 < y2, inside that image; a small overhang is clamped) and replaced by the
+   wire's ``bounding_box`` ``{x, y, width, height}`` in the original image's pixels; required
+   texts and lists are not empty; listed items are distinct.
 
 Reasons are written for two readers: the operator in logs and state, and the model itself, which
 gets them back in the retry prompt (:func:`retry_user_prompt`).
@@ -26,7 +28,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError as SchemaViolation
 
 from goflow_gpu.engines.base import InferenceResult
-from goflow_gpu.prompts.geometry import smart_resize, to_original_box
+from goflow_gpu.prompts.geometry import WIRE_BOX_KEY, smart_resize, to_wire_box
 from goflow_gpu.prompts.spec import QARules, RenderedPrompt
 
 MAX_REASONS = 20
@@ -350,41 +352,79 @@ def _check_box(
     original_size: tuple[int, int],
     model_size: tuple[int, int],
 ) -> str | None:
-    """Check a model-space box, then replace it with the clamped box in original pixels."""
-    box = parent[key]
-    if not isinstance(box, dict) or not all(
-        isinstance(box.get(k), (int, float)) and not isinstance(box.get(k), bool) for k in _BOX_KEYS
-    ):
-        return f"{where}: a box needs numbers x, y, width and height"
-    model_w, model_h = model_size
-    x, y, w, h = (float(box[k]) for k in _BOX_KEYS)
-    if w <= 0 or h <= 0:
-        return f"{where}: the box is empty (width {box['width']}, height {box['height']})"
-    slack_x, slack_y = qa.box_tolerance * model_w, qa.box_tolerance * model_h
-    within_x = -slack_x <= x and x + w <= model_w + slack_x
-    within_slack = within_x and -slack_y <= y and y + h <= model_h + slack_y
-    # Even within the slack, a box must cover some part of the image to be clamped into it.
-    overlaps = x < model_w and y < model_h and x + w > 0 and y + h > 0
-    if not (within_slack and overlaps):
-        return _outside(where, (x, y, w, h), model_size)
-    # Within tolerance: clamp to the image, then convert to the original's pixels.
-    left, top = max(0.0, x), max(0.0, y)
-    right, bottom = min(float(model_w), x + w), min(float(model_h), y + h)
-    clamped = {"x": left, "y": top, "width": right - left, "height": bottom - top}
-    converted = to_original_box(clamped, model_size, original_size)
-    orig_w, orig_h = original_size
-    converted["width"] = max(1, min(converted["width"], orig_w - converted["x"]))
-    converted["height"] = max(1, min(converted["height"], orig_h - converted["y"]))
-    parent[key] = {**box, **converted}
+    """Check a model-space box, then replace it with the wire's box in original pixels.
+
+    A corner box ``[x1, y1, x2, y2]`` (Qwen's ``bbox_2d``) becomes ``bounding_box`` ``{x, y,
+    width, height}`` in the parent, at the same place; an object box ``{x, y, width, height}``
+    (the format of prompt versions before ``bbox_2d``, still met in jobs frozen with them) is
+    converted under its own key.
+    """
+    value = parent[key]
+    if isinstance(value, dict):
+        return _check_object_box(parent, key, where, qa, original_size, model_size)
+    if not (isinstance(value, list) and len(value) == 4 and all(map(_is_number, value))):
+        return f"{where}: a box is 4 integers [x1, y1, x2, y2]: top-left, then bottom-right corner"
+    x1, y1, x2, y2 = value
+    wrong = [f"{b} <= {a}" for a, b, ok in (("x1", "x2", x1 < x2), ("y1", "y2", y1 < y2)) if not ok]
+    if wrong:
+        return (
+            f"{where}: {_short(value)} has {' and '.join(wrong)}; give [x1, y1, x2, y2]: the "
+            "top-left corner, then the bottom-right corner"
+        )
+    if not _fits(x1, y1, x2, y2, qa, model_size):
+        width, height = model_size
+        return (
+            f"{where}: {_short(value)} lies outside the image, which is {width}x{height} pixels "
+            f"as you see it (x from 0 to {width}, y from 0 to {height})"
+        )
+    if key != WIRE_BOX_KEY and WIRE_BOX_KEY in parent:
+        return f"{where}: remove {WIRE_BOX_KEY}; give each box once, as {key}"
+    wire = to_wire_box(value, model_size, original_size)
+    items = [(WIRE_BOX_KEY, wire) if name == key else (name, v) for name, v in parent.items()]
+    parent.clear()
+    parent.update(items)
     return None
 
 
-def _outside(where: str, box: tuple[float, float, float, float], size: tuple[int, int]) -> str:
-    x, y, w, h = (_num(v) for v in box)
-    return (
-        f"{where}: the box x={x} y={y} width={w} height={h} lies outside the image, which is "
-        f"{size[0]}x{size[1]} pixels as you see it (use pixel coordinates of that image)"
-    )
+def _check_object_box(
+    parent: dict[str, Any],
+    key: str,
+    where: str,
+    qa: QARules,
+    original_size: tuple[int, int],
+    model_size: tuple[int, int],
+) -> str | None:
+    box = parent[key]
+    if not all(_is_number(box.get(k)) for k in _BOX_KEYS):
+        return f"{where}: a box needs numbers x, y, width and height"
+    x, y, w, h = (box[k] for k in _BOX_KEYS)
+    if not (x < x + w and y < y + h):  # not w > 0: 1e-20 vanishes next to x in floats
+        return f"{where}: the box is empty (width {w}, height {h})"
+    if not _fits(x, y, x + w, y + h, qa, model_size):
+        x, y, w, h = (_num(float(v)) for v in (x, y, w, h))
+        return (
+            f"{where}: the box x={x} y={y} width={w} height={h} lies outside the image, which is "
+            f"{model_size[0]}x{model_size[1]} pixels as you see it (use pixel coordinates of "
+            "that image)"
+        )
+    parent[key] = {**box, **to_wire_box((x, y, x + w, y + h), model_size, original_size)}
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fits(
+    x1: float, y1: float, x2: float, y2: float, qa: QARules, model_size: tuple[int, int]
+) -> bool:
+    """True when the box may be clamped into the model image: it overhangs no side by more than
+    ``box_tolerance`` of that side, and it covers some part of the image."""
+    width, height = model_size
+    slack_x, slack_y = qa.box_tolerance * width, qa.box_tolerance * height
+    within = -slack_x <= x1 and x2 <= width + slack_x and -slack_y <= y1 and y2 <= height + slack_y
+    overlaps = x1 < width and y1 < height and x2 > 0 and y2 > 0
+    return within and overlaps
 
 
 def _num(value: float) -> str:

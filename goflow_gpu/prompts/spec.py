@@ -26,17 +26,23 @@ class Sampling(BaseModel):
 class QARules(BaseModel):
     """Semantic checks that run after the output matched its JSON schema.
 
-    ``box_fields``: keys whose values are boxes ``{x, y, width, height}`` in the model's pixel
-    space; each is checked against the image (``box_tolerance`` is the share of the image side a
-    box may overhang before it is rejected; a smaller overhang is clamped) and converted to the
-    original image's pixels. ``confidence_fields``: keys whose numbers must lie in [0, 1].
+    ``box_fields``: keys whose values are boxes in the model's pixel space, Qwen's grounding
+    format ``[x1, y1, x2, y2]`` (``bbox_2d``: top-left and bottom-right corners). Each is checked
+    against the image as the model saw it (``box_tolerance`` is the share of the image side a
+    box may overhang before it is rejected; a smaller overhang is clamped) and replaced by
+    ``bounding_box`` ``{x, y, width, height}`` in the original image's pixels, the backend's
+    format. A box field holding an object ``{x, y, width, height}`` (the format before
+    ``bbox_2d``, frozen in jobs created with it) is checked the same way and converted under its
+    own key; the default lists both keys, so a custom spec written before ``bbox_2d`` without a
+    ``qa`` section keeps its boxes converted. ``confidence_fields``: keys whose numbers must lie
+    in [0, 1].
     ``non_empty``: top-level fields that must hold a non-blank string or a non-empty list.
     ``distinct``: top-level lists whose items must not repeat.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    box_fields: list[str] = Field(default_factory=lambda: ["bounding_box"])
+    box_fields: list[str] = Field(default_factory=lambda: ["bbox_2d", "bounding_box"])
     confidence_fields: list[str] = Field(default_factory=lambda: ["confidence"])
     non_empty: list[str] = Field(default_factory=list)
     distinct: list[str] = Field(default_factory=list)
