@@ -1,8 +1,9 @@
-"""``goflow-gpu prompts``: tools for prompt authors: list, validate, render and try specs."""
+"""``goflow-gpu prompts``: tools for prompt authors: list, validate, render, try and eval specs."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -39,6 +40,37 @@ DirOpt = Annotated[
         show_default=False,
     ),
 ]
+
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
+EngineOpt = Annotated[
+    str | None, typer.Option(help="vllm | transformers | openai [env GOFLOW_ENGINE].")
+]
+ModelOpt = Annotated[str | None, typer.Option(help="Model id or local dir [env GOFLOW_MODEL].")]
+OpenAIOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--openai-base-url",
+        help="An OpenAI-compatible server (vLLM serve, SGLang, Ollama) to ask instead of a local "
+        "model; implies --engine openai [env GOFLOW_OPENAI_BASE_URL].",
+        show_default=False,
+    ),
+]
+
+
+def _engine_settings(
+    config: Path | None, engine: str | None, model: str | None, openai_base_url: str | None
+) -> Settings:
+    """Settings for a command that runs an engine; configuration errors exit 2."""
+    from goflow_gpu.settings import load_settings
+
+    if openai_base_url is not None and engine is None:
+        engine = "openai"
+    try:
+        return load_settings(config, engine=engine, model=model, openai_base_url=openai_base_url)
+    except GoFlowError as exc:
+        typer.echo(f"configuration error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _load(directory: Path | None) -> Catalog:
@@ -147,15 +179,10 @@ def try_spec(
         Path, typer.Argument(help="An image file (JPEG, PNG, ...).", exists=True, dir_okay=False)
     ],
     directory: DirOpt = None,
-    config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="YAML settings file.")
-    ] = None,
-    engine: Annotated[
-        str | None, typer.Option(help="vllm | transformers | openai [env GOFLOW_ENGINE].")
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Model id or local dir [env GOFLOW_MODEL].")
-    ] = None,
+    config: ConfigOpt = None,
+    engine: EngineOpt = None,
+    model: ModelOpt = None,
+    openai_base_url: OpenAIOpt = None,
 ) -> None:
     """Run one analysis of IMAGE with the configured engine and show what QA makes of it.
 
@@ -163,13 +190,7 @@ def try_spec(
     and the QA verdict with its reasons. Greyscale specs get a greyscale copy of IMAGE, as the
     worker would. Exit code 0 when QA passes, 1 when it fails, 2 for configuration errors.
     """
-    from goflow_gpu.settings import load_settings
-
-    try:
-        settings = load_settings(config, engine=engine, model=model)
-    except GoFlowError as exc:
-        typer.echo(f"configuration error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    settings = _engine_settings(config, engine, model, openai_base_url)
     catalog = _load(directory if directory is not None else settings.prompts_dir)
     spec = _spec(catalog, slug)
     rendered = catalog.render(spec)
@@ -192,53 +213,221 @@ def try_spec(
 async def _run_once(
     settings: Settings, rendered: RenderedPrompt, rules: QARules, image: Path
 ) -> tuple[str, bool, list[str], dict[str, Any] | None]:
-    from PIL import Image, UnidentifiedImageError
-
     from goflow_gpu.engines import create_engine
-    from goflow_gpu.engines.base import InferenceRequest, Sampling
-    from goflow_gpu.errors import MediaError
-    from goflow_gpu.prompts.qa import judge, parse_json_output
+    from goflow_gpu.evaluation.runner import Images, ask
+    from goflow_gpu.prompts.qa import parse_json_output
 
     with tempfile.TemporaryDirectory(prefix="goflow-try-") as tmp:
-        try:
-            with Image.open(image) as img:
-                original = img.size
-                path = image
-                if rendered.variant == "greyscale" and img.mode != "L":
-                    path = Path(tmp) / "greyscale.png"
-                    img.convert("L").save(path)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise MediaError(f"cannot open image {image}: {exc}") from None
+        images = Images(Path(tmp))
+        images.size(image)  # an unreadable image fails before the engine loads
         engine = create_engine(settings)
         await engine.start()
         try:
-            result = await engine.infer(
-                InferenceRequest(
-                    request_id=f"try:{rendered.slug}",
-                    image_path=path,
-                    system_prompt=rendered.system_prompt,
-                    user_prompt=rendered.user_prompt,
-                    json_schema=rendered.json_schema,
-                    sampling=Sampling(
-                        max_tokens=rendered.max_tokens, temperature=rendered.temperature
-                    ),
-                    group_key=("try", rendered.variant),
-                )
+            asked = await ask(
+                engine,
+                rendered,
+                rules,
+                image,
+                images,
+                min_pixels=settings.min_pixels,
+                max_pixels=settings.max_pixels,
+                request_id=f"try:{rendered.slug}",
             )
         finally:
             await engine.close()
-    verdict = judge(
-        result,
-        rendered,
-        rules,
-        original_size=original,
-        min_pixels=settings.min_pixels,
-        max_pixels=settings.max_pixels,
-    )
-    shown = verdict.result
+    shown = asked.verdict.result
     if shown is None:
         try:
-            shown = parse_json_output(result.text)
+            shown = parse_json_output(asked.result.text)
         except ValueError:
             shown = None
-    return result.text, verdict.passed, verdict.reasons, shown
+    return asked.result.text, asked.verdict.passed, asked.verdict.reasons, shown
+
+
+@app.command("eval")
+def eval_catalog(
+    labelled_set: Annotated[
+        Path,
+        typer.Argument(
+            help="A labelled set: images plus one <name>.yaml of expected answers per image "
+            "(e.g. evalsets/starter).",
+            exists=True,
+            file_okay=False,
+        ),
+    ],
+    directory: DirOpt = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--baseline",
+            help="A second catalog directory (e.g. the one in production) to run side by side.",
+            exists=True,
+            file_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Where results.json, report.md, report.html go.")
+    ] = Path("eval-results"),
+    max_regression: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="With --baseline: exit 1 when a field-agreement, QA-pass or schema-valid rate "
+            "of any analysis drops by more than this.",
+        ),
+    ] = 0.05,
+    config: ConfigOpt = None,
+    engine: EngineOpt = None,
+    model: ModelOpt = None,
+    openai_base_url: OpenAIOpt = None,
+) -> None:
+    """Score the catalog's answers on a labelled set; with --baseline, against another catalog.
+
+    Every labelled (image, analysis) pair is asked once per catalog with the configured engine,
+    checked by QA as in a job (boxes converted to the image's own pixels), and compared with
+    its labels. Per analysis: schema-valid rate, QA pass rate, field agreement (exact for enums
+    and booleans, 10% for numbers, set F1 for lists, boxes matched at IoU >= 0.5 with
+    precision and recall, a similarity for free text), tokens and seconds per answer. Writes
+    results.json, report.md and report.html (images with predicted and expected boxes) into
+    --out. Exit code 0, 1 when the candidate regressed past --max-regression, 2 for
+    configuration or labelled-set errors.
+
+    \b
+    Example:
+      goflow-gpu prompts eval evalsets/starter -d my-prompts --baseline prompts --out /tmp/ab
+    """
+    from goflow_gpu.evaluation import load_labelled_set, score_run, write_reports
+    from goflow_gpu.evaluation.scoring import compare
+
+    settings = _engine_settings(config, engine, model, openai_base_url)
+    candidate = _load(directory if directory is not None else settings.prompts_dir)
+    runs: list[tuple[str, Catalog]] = [(_catalog_name(candidate, "candidate"), candidate)]
+    if baseline is not None:
+        runs.append((_catalog_name(_load(baseline), "baseline"), _load(baseline)))
+    try:
+        labelled = load_labelled_set(labelled_set, _schemas(candidate))
+        answers = asyncio.run(_evaluate(settings, runs, labelled))
+        scored = [
+            score_run(name, answers[name], labelled, _schemas(catalog)) for name, catalog in runs
+        ]
+    except GoFlowError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    comparison = compare(scored[0].summary, scored[1].summary) if len(scored) > 1 else None
+    paths = write_reports(out, labelled, scored[0], scored[1] if len(scored) > 1 else None)
+    _print_scores(scored, comparison)
+    typer.echo(f"reports: {paths['markdown']}, {paths['html']}, {paths['json']}")
+    if comparison is not None and comparison.worst_drop > max_regression:
+        worst = comparison.regressions[0]
+        typer.echo(
+            f"REGRESSION: {worst.slug} {worst.metric} dropped by {-(worst.delta or 0.0):.3f} "
+            f"(limit {max_regression})",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
+def _catalog_name(catalog: Catalog, role: str) -> str:
+    return f"{role} ({catalog.source})"
+
+
+def _schemas(catalog: Catalog) -> dict[str, dict[str, Any]]:
+    return {slug: catalog.render(spec).json_schema or {} for slug, spec in catalog.specs.items()}
+
+
+async def _evaluate(
+    settings: Settings, runs: list[tuple[str, Catalog]], labelled: list[Any]
+) -> dict[str, list[Any]]:
+    """Each catalog's answers on ``labelled``, with one engine, a progress bar on a terminal.
+
+    Between two catalogs the engine's caches are emptied where it has them (vLLM), so the second
+    run's seconds per answer are not flattered by the first run's prefix cache.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from goflow_gpu.engines import create_engine
+    from goflow_gpu.evaluation.runner import run_catalog
+
+    console = Console(stderr=True)
+    engine = create_engine(settings)
+    results: dict[str, list[Any]] = {}
+    await engine.start()
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="goflow-eval-") as tmp,
+            Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                disable=not console.is_terminal,
+            ) as progress,
+        ):
+            for name, catalog in runs:
+                total = sum(
+                    1 for item in labelled for slug in item.expected if slug in catalog.specs
+                )
+                task = progress.add_task(name, total=total)
+                reset = getattr(engine, "reset_caches", None)
+                if reset is not None:
+                    await reset()
+                results[name] = await run_catalog(
+                    engine,
+                    catalog,
+                    labelled,
+                    Path(tmp),
+                    min_pixels=settings.min_pixels,
+                    max_pixels=settings.max_pixels,
+                    on_answer=functools.partial(_advance, progress, task),
+                )
+    finally:
+        await engine.close()
+    return results
+
+
+def _advance(progress: Any, task: Any, _answer: Any) -> None:
+    progress.advance(task)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _print_scores(scored: list[Any], comparison: Any) -> None:
+    """One table per run, analyses as rows (the reports hold every figure)."""
+    for run in scored:
+        table = Table(title=run.name, title_justify="left")
+        for column in ("analysis", "answers", "schema-valid", "QA pass", "agreement", "box P/R",
+                       "tokens in/out", "s/answer"):  # fmt: skip
+            table.add_column(column, no_wrap=True)
+        for slug, row in run.summary.items():
+            boxes = (
+                "-"
+                if row.box_precision is None
+                else f"{_percent(row.box_precision)}/{_percent(row.box_recall)}"
+            )
+            tokens_in, tokens_out = row.prompt_tokens_per_answer, row.generated_tokens_per_answer
+            tokens = "-" if tokens_in is None else f"{tokens_in:.0f}/{tokens_out or 0:.0f}"
+            seconds = "-" if row.seconds_per_answer is None else f"{row.seconds_per_answer:.2f}"
+            table.add_row(
+                slug,
+                str(row.answers),
+                _percent(row.schema_valid_rate),
+                _percent(row.qa_pass_rate),
+                "-" if row.field_agreement is None else f"{row.field_agreement:.3f}",
+                boxes,
+                tokens,
+                seconds,
+            )
+        Console(width=130).print(table)
+    if comparison is not None:
+        if not comparison.regressions:
+            typer.echo("no regressions against the baseline")
+        for item in comparison.regressions[:10]:
+            typer.echo(
+                f"regression: {item.slug} {item.metric} {item.baseline:.3f} -> "
+                f"{item.candidate:.3f} ({item.delta:+.3f})"
+            )

@@ -2,6 +2,8 @@
 
 Pictures are real JPEGs drawn with Pillow (shapes, lines and a word), deterministic from a key
 string, with varied sizes and aspect ratios. The greyscale variant is the same picture in mode L.
+:func:`labelled_scene` draws simpler pictures (flat shapes, one word) with their exact ground
+truth, for evaluating prompts against known answers.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import io
 import random
 import struct
 import zlib
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -111,3 +114,202 @@ HTML_PAGE = (
     b"<body><h1>Please sign in to view this image</h1></body></html>"
 )
 """What a misconfigured CDN or login wall answers instead of an image."""
+
+
+# --- labelled scenes -------------------------------------------------------------------------
+# Flat shapes and one word on a plain background, with exact ground truth for evaluating
+# prompts (goflow_gpu.evaluation). Nothing is anti-aliased: every pixel has a palette colour,
+# and every box is the tight box around the pixels actually drawn.
+
+SCENE_PALETTE: dict[str, tuple[int, int, int]] = {
+    "white": (255, 255, 255),
+    "grey": (128, 128, 128),
+    "black": (0, 0, 0),
+    "red": (220, 30, 30),
+    "orange": (245, 130, 20),
+    "yellow": (245, 210, 20),
+    "green": (30, 150, 60),
+    "blue": (30, 80, 210),
+    "purple": (130, 50, 170),
+}
+"""The colour names scenes use, and their exact RGB values."""
+SCENE_KINDS: tuple[str, ...] = ("circle", "square", "triangle")
+SCENE_WORDS: tuple[str, ...] = (
+    "OPEN", "SALE", "EXIT", "CAFE", "PARK", "MENU", "STOP", "TAXI", "HOTEL", "BOOKS", "FRESH",
+)  # fmt: skip
+_SCENE_BACKGROUNDS: tuple[str, ...] = ("white", "white", "grey", "black")
+_SCENE_FILLS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple")
+_SCENE_SIZES: tuple[tuple[int, int], ...] = ((512, 384), (384, 512), (448, 448), (512, 288))
+
+# A 5x7 block font of our own: glyphs drawn as filled cells, so the text is identical with any
+# Pillow or FreeType version and its box is known exactly.
+_GLYPHS: dict[str, tuple[str, ...]] = {
+    "A": (".###.", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
+    "B": ("####.", "#...#", "#...#", "####.", "#...#", "#...#", "####."),
+    "C": (".###.", "#...#", "#....", "#....", "#....", "#...#", ".###."),
+    "E": ("#####", "#....", "#....", "####.", "#....", "#....", "#####"),
+    "F": ("#####", "#....", "#....", "####.", "#....", "#....", "#...."),
+    "H": ("#...#", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
+    "I": (".###.", "..#..", "..#..", "..#..", "..#..", "..#..", ".###."),
+    "K": ("#...#", "#..#.", "#.#..", "##...", "#.#..", "#..#.", "#...#"),
+    "L": ("#....", "#....", "#....", "#....", "#....", "#....", "#####"),
+    "M": ("#...#", "##.##", "#.#.#", "#.#.#", "#...#", "#...#", "#...#"),
+    "N": ("#...#", "#...#", "##..#", "#.#.#", "#..##", "#...#", "#...#"),
+    "O": (".###.", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "P": ("####.", "#...#", "#...#", "####.", "#....", "#....", "#...."),
+    "R": ("####.", "#...#", "#...#", "####.", "#.#..", "#..#.", "#...#"),
+    "S": (".####", "#....", "#....", ".###.", "....#", "....#", "####."),
+    "T": ("#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#.."),
+    "U": ("#...#", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "X": ("#...#", "#...#", ".#.#.", "..#..", ".#.#.", "#...#", "#...#"),
+}
+
+Box = tuple[int, int, int, int]
+"""``(x, y, width, height)`` in image pixels."""
+
+
+@dataclass(frozen=True)
+class SceneShape:
+    """One shape of a labelled scene: ``kind`` in :data:`SCENE_KINDS`, a palette colour name."""
+
+    kind: str
+    colour: str
+    box: Box
+
+
+@dataclass(frozen=True)
+class LabelledScene:
+    """A scene picture and its exact ground truth (boxes tight around the drawn pixels)."""
+
+    image: Image.Image
+    background: str
+    shapes: tuple[SceneShape, ...]
+    word: str
+    word_colour: str
+    word_box: Box
+    colour_shares: tuple[tuple[str, float], ...]
+    """(palette name, share of the pixels), largest share first."""
+
+    @property
+    def dominant_colour(self) -> str:
+        return self.colour_shares[0][0]
+
+
+def labelled_scene(key: str, size: tuple[int, int] | None = None) -> LabelledScene:
+    """Draw the scene for ``key`` (same key and size, same picture): 1-4 separate shapes and
+    one word in block letters on a plain background. ``size`` defaults to one of a few
+    landscape, portrait and square sizes, chosen by the key.
+    """
+    rng = random.Random(f"scene:{key}")
+    width, height = size if size is not None else rng.choice(_SCENE_SIZES)
+    if min(width, height) < 96:
+        raise ValueError(f"a scene needs at least 96 pixels a side, got {width}x{height}")
+    background = rng.choice(_SCENE_BACKGROUNDS)
+    image = Image.new("RGB", (width, height), SCENE_PALETTE[background])
+    draw = ImageDraw.Draw(image)
+    taken: list[Box] = []
+
+    word = rng.choice(SCENE_WORDS)
+    word_colour = "white" if background == "black" else "black"
+    cell = max(2, min(width // (6 * len(word) + 8), min(width, height) // 40))
+    word_w, word_h = (6 * len(word) - 1) * cell, 7 * cell
+    margin = max(4, min(width, height) // 32)
+    origin = (
+        rng.randint(margin, width - margin - word_w),
+        rng.randint(margin, height - margin - word_h),
+    )
+    word_box = _draw_word(draw, image.size, word, origin, cell, SCENE_PALETTE[word_colour])
+    taken.append(word_box)
+
+    shapes: list[SceneShape] = []
+    short = min(width, height)
+    for _ in range(rng.randint(1, 4)):
+        side = rng.randint(short * 15 // 100, short * 28 // 100)
+        kind, colour = rng.choice(SCENE_KINDS), rng.choice(_SCENE_FILLS)
+        for _attempt in range(100):
+            x = rng.randint(margin, width - margin - side)
+            y = rng.randint(margin, height - margin - side)
+            if not any(_near((x, y, side, side), other, margin) for other in taken):
+                break
+        else:
+            continue  # no room left: fewer shapes, still deterministic
+        box = _draw_shape(draw, image.size, kind, (x, y, side), SCENE_PALETTE[colour])
+        taken.append((x, y, side, side))
+        shapes.append(SceneShape(kind=kind, colour=colour, box=box))
+    if not shapes:  # pragma: no cover - the first shape always fits beside one word
+        raise RuntimeError(f"no shape fits in the scene {key!r}")
+    return LabelledScene(
+        image=image,
+        background=background,
+        shapes=tuple(shapes),
+        word=word,
+        word_colour=word_colour,
+        word_box=word_box,
+        colour_shares=_colour_shares(image),
+    )
+
+
+def _near(a: Box, b: Box, gap: int) -> bool:
+    """True when the boxes overlap or come closer than ``gap`` pixels."""
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    return ax < bx + bw + gap and bx < ax + aw + gap and ay < by + bh + gap and by < ay + ah + gap
+
+
+def _drawn_box(mask: Image.Image) -> Box:
+    left, top, right, bottom = mask.getbbox() or (0, 0, 0, 0)
+    return left, top, right - left, bottom - top
+
+
+def _draw_word(
+    draw: ImageDraw.ImageDraw,
+    size: tuple[int, int],
+    word: str,
+    origin: tuple[int, int],
+    cell: int,
+    colour: tuple[int, int, int],
+) -> Box:
+    mask = Image.new("L", size, 0)
+    marks = ImageDraw.Draw(mask)
+    x0, y0 = origin
+    for index, letter in enumerate(word):
+        for row, line in enumerate(_GLYPHS[letter]):
+            for col, mark in enumerate(line):
+                if mark == "#":
+                    left = x0 + (index * 6 + col) * cell
+                    top = y0 + row * cell
+                    cell_box = (left, top, left + cell - 1, top + cell - 1)
+                    draw.rectangle(cell_box, fill=colour)
+                    marks.rectangle(cell_box, fill=255)
+    return _drawn_box(mask)
+
+
+def _draw_shape(
+    draw: ImageDraw.ImageDraw,
+    size: tuple[int, int],
+    kind: str,
+    square: tuple[int, int, int],
+    colour: tuple[int, int, int],
+) -> Box:
+    x, y, side = square
+    corners = (x, y, x + side - 1, y + side - 1)
+    mask = Image.new("L", size, 0)
+    for target, fill in ((draw, colour), (ImageDraw.Draw(mask), 255)):
+        if kind == "circle":
+            target.ellipse(corners, fill=fill)
+        elif kind == "square":
+            target.rectangle(corners, fill=fill)
+        else:  # an upright triangle with its base along the bottom side
+            points = [(x, y + side - 1), (x + side - 1, y + side - 1), (x + (side - 1) / 2, y)]
+            target.polygon(points, fill=fill)
+    return _drawn_box(mask)
+
+
+def _colour_shares(image: Image.Image) -> tuple[tuple[str, float], ...]:
+    names: dict[object, str] = {rgb: name for name, rgb in SCENE_PALETTE.items()}
+    total = image.width * image.height
+    counts = image.getcolors(maxcolors=256)
+    if counts is None or any(rgb not in names for _, rgb in counts):
+        raise RuntimeError("a scene holds a colour outside the palette")  # pragma: no cover
+    shares = [(names[rgb], count / total) for count, rgb in counts]
+    return tuple(sorted(shares, key=lambda item: (-item[1], item[0])))
