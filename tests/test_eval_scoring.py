@@ -586,3 +586,19 @@ def test_reports_without_baseline(tmp_path: Path):
     assert data["baseline"] is None and data["comparison"] is None
     assert "baseline" not in paths["markdown"].read_text()
     assert "<svg" in paths["html"].read_text()
+
+
+def test_a_date_label_is_refused_even_after_a_library_made_yaml_dates_strings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    # What lm-format-enforcer (imported with vLLM) does to every SafeLoader of the process.
+    constructors = dict(yaml.SafeLoader.yaml_constructors)
+    constructors["tag:yaml.org,2002:timestamp"] = constructors["tag:yaml.org,2002:str"]
+    monkeypatch.setattr(yaml.SafeLoader, "yaml_constructors", constructors)
+    assert isinstance(yaml.safe_load("a: 2024-01-01")["a"], str)
+    _png(tmp_path / "a.png")
+    (tmp_path / "a.yaml").write_text("t:\n  caption: 2024-01-01\n")
+    with pytest.raises(EvalSetError, match="date is not a JSON value"):
+        load_labelled_set(tmp_path, {"t": SCHEMA})

@@ -144,6 +144,23 @@ def _image_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
+class _LabelLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, with YAML's own timestamp rule whatever was imported before.
+
+    lm-format-enforcer (imported with vLLM's structured outputs) makes every ``SafeLoader`` of the
+    process read timestamps as strings; a label ``2024-01-01`` would then pass as the string
+    where it must be refused as a date (JSON has no dates: quote it).
+    """
+
+
+def _timestamp(loader: _LabelLoader, node: yaml.Node) -> Any:
+    assert isinstance(node, yaml.ScalarNode)
+    return yaml.constructor.SafeConstructor.construct_yaml_timestamp(loader, node)
+
+
+_LabelLoader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp)
+
+
 def _read_labels(path: Path) -> dict[str, dict[str, Any]]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -158,7 +175,7 @@ def _read_labels(path: Path) -> dict[str, dict[str, Any]]:
             ) from None
     else:
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_LabelLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
