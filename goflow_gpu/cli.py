@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -504,7 +505,14 @@ def demo(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    vLLM logs to stdout unless told otherwise (``VLLM_LOGGING_STREAM``), which put its lines in
+    the middle of command output (``demo`` and ``prompts eval`` tables, ``--json`` output).
+    Every command sends them to stderr, with the other logs, the engine-core processes included
+    (they inherit the environment); an operator's own setting wins.
+    """
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         app()
     except KeyboardInterrupt:
