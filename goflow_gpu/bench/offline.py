@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from goflow_gpu.bench.compare import _ratio
 from goflow_gpu.bench.runner import BenchConfig, RunResult, run_job
 from goflow_gpu.engines.base import Engine, InferenceRequest
 from goflow_gpu.engines.images import prepare_image
@@ -38,10 +39,6 @@ from goflow_gpu.errors import ConfigError
 
 OFFLINE_TARGET = 1.10
 REPEATS = 3
-
-
-def _ratio(numerator: float, denominator: float) -> float:
-    return numerator / max(denominator, 1e-9)
 
 
 def build_offline_llm(engine: VllmEngine) -> Any:

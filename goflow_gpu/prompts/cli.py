@@ -305,7 +305,8 @@ def eval_catalog(
     candidate = _load(directory if directory is not None else settings.prompts_dir)
     runs: list[tuple[str, Catalog]] = [(_catalog_name(candidate, "candidate"), candidate)]
     if baseline is not None:
-        runs.append((_catalog_name(_load(baseline), "baseline"), _load(baseline)))
+        base = _load(baseline)
+        runs.append((_catalog_name(base, "baseline"), base))
     try:
         labelled = load_labelled_set(labelled_set, _schemas(candidate))
         answers = asyncio.run(_evaluate(settings, runs, labelled))
