@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from goflow_gpu.answers import Decision, Endpoint, decide
@@ -180,6 +182,8 @@ class JobRunner:
         self._in_flight: set[asyncio.Future[InferenceResult]] = set()
         self._aborting = False  # the drain timeout passed: in-flight requests were aborted
         self._post_cutoff = asyncio.Event()  # the drain timeout passed: no new POSTs
+        # Pixel facts by image file (a few images of a job are in flight at once, media-major).
+        self._facts: OrderedDict[Path, dict[str, Any]] = OrderedDict()
 
     # -- status -------------------------------------------------------------------------------
 
@@ -572,6 +576,8 @@ class JobRunner:
             temperature=row.temperature,
         )
         rules = QARules.model_validate(row.qa_rules)
+        facts: dict[str, Any] | None = None
+        max_tokens = row.max_tokens
         # A resumed combination whose tries were all spent before a crash keeps its last reasons;
         # one with tries left is re-asked with them, as it would have been without the stop.
         last = row.reasons[-1] if row.reasons else ["no attempt was made"]
@@ -595,8 +601,9 @@ class JobRunner:
                 system_prompt=row.system_prompt,
                 user_prompt=user_prompt,
                 json_schema=row.json_schema,
-                sampling=Sampling(max_tokens=row.max_tokens, temperature=row.temperature),
+                sampling=Sampling(max_tokens=max_tokens, temperature=row.temperature),
                 group_key=(row.key.media_id, row.variant),
+                logprobs=bool(rules.logprob_confidence),
             )
             result = await self._ask(request, row)
             if result is None:
@@ -613,6 +620,10 @@ class JobRunner:
             raw_text = result.text
             key = row.key
             try:
+                if rules.pixel_facts and facts is None:
+                    # After the answer, not before the ask: a thread hop before it would let
+                    # other slots overtake and break the media-major order of the asks.
+                    facts = await self._pixel_facts(image.path, rules)
                 verdict = judge(
                     result,
                     rendered,
@@ -620,6 +631,7 @@ class JobRunner:
                     original_size=original,
                     min_pixels=self.options.min_pixels,
                     max_pixels=self.options.max_pixels,
+                    facts=facts,
                 )
             except Exception as exc:  # one odd answer must not stop the job
                 # Deterministic decoding would give the same answer after a restart: a crash
@@ -646,6 +658,9 @@ class JobRunner:
             log.info("qa failed", attempt=attempts, reasons=verdict.reasons[:5])
             if attempts_left > 0:
                 user_prompt = retry_user_prompt(row.user_prompt, verdict.reasons)
+                if result.finish_reason == "length":
+                    # Cut off at the budget: the same budget would cut it off again.
+                    max_tokens = max(max_tokens, rules.retry_max_tokens or 2 * row.max_tokens)
         seconds = time.monotonic() - started
         metrics: dict[str, Any] = {"inference_seconds": seconds, **totals}
         if verdict.passed and verdict.result is not None:
@@ -663,6 +678,20 @@ class JobRunner:
             await self.store.run(self.store.mark_ready, row.key, body, "failed", metrics=metrics)
             log.warning("analysis failed qa", slug=row.slug, reasons=verdict.reasons[:5])
         await self._report_q.put(row.key)
+
+    async def _pixel_facts(self, path: Path, rules: QARules) -> dict[str, Any]:
+        """The image's pixel facts the rules name, computed once per image (off the loop)."""
+        from goflow_gpu.prompts.pixels import compute_facts  # numpy: only when a spec needs it
+
+        known = self._facts.get(path, {})
+        missing = sorted(set(rules.pixel_facts.values()) - set(known))
+        if missing:
+            known = {**known, **await asyncio.to_thread(compute_facts, path, missing)}
+            self._facts[path] = known
+        self._facts.move_to_end(path)
+        while len(self._facts) > 64:
+            self._facts.popitem(last=False)
+        return known
 
     async def _engine_failed(
         self, row: ComboRow, error: str, user_prompt: str, seconds: float

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from goflow_gpu.prompts.qa import WARNINGS_KEY
 from goflow_gpu.protocol import Manifest, Report, ReportBody, ReportDetails
 from goflow_gpu.store import ComboRow
 
@@ -63,7 +64,7 @@ def key_findings(rows: Sequence[ComboRow]) -> tuple[str, dict[str, Any]]:
     for row in rows:
         if row.result_status != "completed" or not row.body:
             continue
-        result = row.body.get("analysisResult") or {}
+        result = _result(row)
         names.update(_names(result))
         if row.slug == "text-recognition" or "text" in row.slug:
             texts.update(_texts(result))
@@ -81,6 +82,11 @@ def key_findings(rows: Sequence[ComboRow]) -> tuple[str, dict[str, Any]]:
         "top_objects": [{"name": n, "count": c} for n, c in top_names],
         "texts_found": top_texts,
     }
+
+
+def _result(row: ComboRow) -> dict[str, Any]:
+    result = row.body.get("analysisResult") if row.body else None
+    return result if isinstance(result, dict) else {}
 
 
 def _passed(row: ComboRow) -> bool:
@@ -111,7 +117,15 @@ def build_report(
     failed = [r for r in rows if not _passed(r)]
     # One pass over the rows (a 10,000-image job has 250,000 of them): per analysis id.
     per_id: dict[str, dict[str, Any]] = {
-        a.id: {"completed": 0, "failed": 0, "retries": 0, "retried_then_passed": 0, "seconds": []}
+        a.id: {
+            "completed": 0,
+            "failed": 0,
+            "retries": 0,
+            "retried_then_passed": 0,
+            "repaired": 0,
+            "versions": set(),
+            "seconds": [],
+        }
         for a in manifest.analyses
     }
     for row in rows:
@@ -122,6 +136,8 @@ def build_report(
         stats["completed" if passed else "failed"] += 1
         stats["retries"] += qa_retries_of(row)
         stats["retried_then_passed"] += passed and row.attempts > 0
+        stats["repaired"] += passed and bool(_result(row).get(WARNINGS_KEY))
+        stats["versions"].add(row.spec_version)
         if row.inference_seconds is not None:
             stats["seconds"].append(row.inference_seconds)
     per_analysis: dict[str, dict[str, Any]] = {}
@@ -135,6 +151,10 @@ def build_report(
             "failed": stats["failed"],
             "qa_retries": stats["retries"],
             "passed_after_retry": stats["retried_then_passed"],
+            # answers QA repaired (an item dropped, a count range set from the points...)
+            # instead of asking again; each result lists its repairs in qa_warnings
+            "repaired_by_qa": stats["repaired"],
+            "spec_versions": sorted(stats["versions"]),
             "mean_inference_seconds": round(sum(seconds) / len(seconds), 3) if seconds else None,
         }
     failures = [

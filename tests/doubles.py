@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,28 +16,48 @@ from typing import Any
 from goflow_gpu.engines.base import Engine, InferenceRequest, InferenceResult
 
 _PATTERN_EXAMPLES = {"^#[0-9a-f]{6}$": "#a0b1c2"}
+#: a count-bin value: "0", "2-3", "more than 20" (QA checks such an enum against points)
+_COUNT_BIN = re.compile(r"\A(?:(\d+)(?:-(\d+))?|more than (\d+))\Z")
 
 
 def instance_for(schema: dict[str, Any]) -> Any:
-    """A small instance that satisfies ``schema`` (the subset our catalog uses)."""
+    """A small instance that satisfies ``schema`` (the subset our catalog uses) and passes QA.
+
+    ``anyOf``/``oneOf``: the first branch. Lists hold ``minItems`` items, at least one (a list
+    of enum values takes them from the end of the enum, so it repeats no sibling). Corner
+    boxes (4 integers) and points (2 integers) lie inside any image of at least 32x32 pixels,
+    so QA keeps them. A count bin (an enum of values like ``"1"``, ``"2-3"``, ``"more than
+    20"``) takes the value that holds the length of the first list beside it in its object
+    (every generated list is that short), so QA has nothing to repair.
+    """
     if "const" in schema:
         return schema["const"]
     if "enum" in schema:
         return schema["enum"][0]
+    if "anyOf" in schema or "oneOf" in schema:
+        return instance_for((schema.get("anyOf") or schema["oneOf"])[0])
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next(k for k in kind if k != "null")
-    if "anyOf" in schema or "oneOf" in schema:
-        return instance_for((schema.get("anyOf") or schema["oneOf"])[0])
     if kind == "object":
-        props = schema.get("properties", {})
-        return {name: instance_for(props[name]) for name in schema.get("required", props)}
+        return _object_for(schema)
     if kind == "array":
-        if _is_corner_box(schema):
+        corners = _integer_tuple(schema)
+        if corners == 4:
             # bbox_2d [x1, y1, x2, y2]: corners apart, or QA refuses the box as empty.
-            low = int(schema["items"].get("minimum", 0))
-            return [low, low, low + 1, low + 1]
-        return [instance_for(schema.get("items", {})) for _ in range(schema.get("minItems", 1))]
+            low = _low(schema["items"])
+            return [low + 1, low + 2, low + 21, low + 22]
+        if corners == 2:
+            # point_2d [x, y], alone or as an item of points_2d
+            low = _low(schema["items"])
+            return [low + 10, low + 12]
+        items = schema.get("items", {})
+        count = schema.get("minItems", 1)
+        if isinstance(items.get("enum"), list):
+            # distinct values from the end of the enum, so that the list repeats neither
+            # itself nor a sibling enum's first value (a primary scene among the secondary)
+            return [items["enum"][-1 - i] for i in range(count)]
+        return [instance_for(items) for _ in range(count)]
     if kind == "string":
         if "pattern" in schema:
             # Hand-picked answers for the patterns our catalog uses; a new one fails loudly.
@@ -55,13 +76,48 @@ def instance_for(schema: dict[str, Any]) -> Any:
     return None
 
 
-def _is_corner_box(schema: dict[str, Any]) -> bool:
-    items = schema.get("items")
+def _object_for(schema: dict[str, Any]) -> dict[str, Any]:
+    props = schema.get("properties", {})
+    out = {name: instance_for(props[name]) for name in schema.get("required", props)}
+    lists = [value for value in out.values() if isinstance(value, list)]
+    for name in out:
+        values = props[name].get("enum")
+        if lists and _is_count_bin(values):
+            fitting = [v for v in values if _bin_holds(v, len(lists[0]))]
+            if fitting:
+                out[name] = fitting[0]
+    return out
+
+
+def _is_count_bin(values: Any) -> bool:
     return (
-        schema.get("minItems") == schema.get("maxItems") == 4
-        and isinstance(items, dict)
-        and items.get("type") == "integer"
+        isinstance(values, list)
+        and bool(values)
+        and all(isinstance(v, str) and _COUNT_BIN.match(v) for v in values)
     )
+
+
+def _bin_holds(value: str, count: int) -> bool:
+    match = _COUNT_BIN.match(value)
+    assert match is not None
+    low, high, above = match.groups()
+    if above is not None:
+        return count > int(above)
+    return int(low) <= count <= int(high if high is not None else low)
+
+
+def _integer_tuple(schema: dict[str, Any]) -> int | None:
+    """2 or 4 when ``schema`` is an array of exactly that many integers (a point, a box)."""
+    items = schema.get("items")
+    size = schema.get("minItems")
+    integers = isinstance(items, dict) and items.get("type") == "integer"
+    if integers and size in (2, 4) and schema.get("maxItems") == size:
+        return int(size)
+    return None
+
+
+def _low(items: dict[str, Any]) -> int:
+    return int(items.get("minimum", 0))
 
 
 Script = Callable[[InferenceRequest], str | None]

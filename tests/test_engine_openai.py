@@ -11,6 +11,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -158,6 +159,34 @@ def test_cached_tokens_are_reported_for_later_analyses_of_an_image(
         assert result.cached_tokens is not None and result.cached_tokens >= image_tokens - 16
 
 
+def test_token_logprobs_from_a_real_server_spell_the_text(
+    vllm_server: str, images: dict[str, Path]
+) -> None:
+    engine = _engine(vllm_server)
+
+    async def scenario() -> list[InferenceResult]:
+        async with engine:
+            return list(
+                await asyncio.gather(
+                    engine.infer(
+                        _request("lp", images["wide.jpg"], json_schema=SCHEMAS[1], logprobs=True)
+                    ),
+                    engine.infer(_request("plain", images["wide.jpg"], json_schema=SCHEMAS[1])),
+                )
+            )
+
+    asked, plain = asyncio.run(scenario())
+    assert asked.error is None and asked.finish_reason == "stop"
+    tokens = asked.token_logprobs
+    assert tokens is not None
+    assert "".join(text for text, _ in tokens) == asked.text
+    assert len(tokens) == asked.generated_tokens
+    # vLLM serve names the stop token "<|im_end|>"; it spells no text of the answer.
+    assert tokens[-1][0] == ""
+    assert all(math.isfinite(value) and value <= 0 for _, value in tokens)
+    assert plain.error is None and plain.token_logprobs is None
+
+
 def test_an_unreachable_server_raises_engine_error_naming_it(images: dict[str, Path]) -> None:
     url = f"http://127.0.0.1:{_free_port()}"
     engine = _engine(url)
@@ -270,6 +299,87 @@ def test_retries_5xx_and_429_then_sends_the_documented_request(
     assert sent.format == "JPEG" and sent.size == (560, 336) == result.image_size
     assert server.auth == ["Bearer made-up-inference-key"] * 3
     assert "made-up-inference-key" not in shown
+
+
+def _logprob_item(token: str, logprob: float, data: bytes | None = None) -> dict[str, Any]:
+    raw = token.encode() if data is None else data
+    return {"token": token, "logprob": logprob, "bytes": list(raw), "top_logprobs": []}
+
+
+def test_logprobs_are_asked_for_only_when_the_request_does(images: dict[str, Path]) -> None:
+    text = '{"name":"car"}'
+    answer = _completion(text)
+    answer["choices"][0]["logprobs"] = {
+        "content": [
+            _logprob_item('{"', -0.1),
+            _logprob_item("name", 0.0),
+            _logprob_item('":"', -0.2),
+            _logprob_item("car", -1.5),
+            _logprob_item('"}', -0.01),
+            _logprob_item("<|im_end|>", -0.3),
+        ]
+    }
+    script = [(200, answer), (200, answer)]
+
+    async def scenario() -> tuple[Scripted, InferenceResult, InferenceResult]:
+        async with Scripted(script, ["m"]) as server:
+            async with _engine(server.url) as engine:
+                asked = await engine.infer(_request("a", images["wide.jpg"], logprobs=True))
+                plain = await engine.infer(_request("p", images["wide.jpg"]))
+            return server, asked, plain
+
+    server, asked, plain = asyncio.run(scenario())
+    asked_body, plain_body = server.received
+    assert asked_body["logprobs"] is True
+    assert "top_logprobs" not in asked_body
+    assert "logprobs" not in plain_body
+    assert asked.token_logprobs == [
+        ('{"', -0.1),
+        ("name", 0.0),
+        ('":"', -0.2),
+        ("car", -1.5),
+        ('"}', -0.01),
+        ("", -0.3),  # the stop token: no text of the answer
+    ]
+    # Not asked: whatever the server sends is not reported.
+    assert plain.token_logprobs is None
+
+
+def test_split_characters_are_rebuilt_from_the_bytes_and_bad_logprobs_give_none(
+    images: dict[str, Path],
+) -> None:
+    text = '{"w":"café"}'
+    e_acute = "é".encode()  # two bytes, C3 A9, written by two tokens
+    split = _completion(text)
+    split["choices"][0]["logprobs"] = {
+        "content": [
+            _logprob_item('{"w":"caf', -0.2),
+            _logprob_item("bytes:\\xc3", -0.7, e_acute[:1]),
+            _logprob_item("bytes:\\xa9", -0.1, e_acute[1:]),
+            _logprob_item('"}', -0.05),
+        ]
+    }
+    other_text = _completion(text)
+    other_text["choices"][0]["logprobs"] = {"content": [_logprob_item('{"w":"cafe"}', -0.2)]}
+    no_logprobs = _completion(text)
+    script = [(200, split), (200, other_text), (200, no_logprobs)]
+
+    async def scenario() -> list[InferenceResult]:
+        async with Scripted(script, ["m"]) as server, _engine(server.url) as engine:
+            return [
+                await engine.infer(_request(f"r{i}", images["wide.jpg"], logprobs=True))
+                for i in range(3)
+            ]
+
+    rebuilt, mismatched, missing = asyncio.run(scenario())
+    assert rebuilt.token_logprobs == [
+        ('{"w":"caf', -0.2),
+        ("", -0.7),
+        ("é", -0.1),
+        ('"}', -0.05),
+    ]
+    assert mismatched.text == text and mismatched.token_logprobs is None
+    assert missing.text == text and missing.token_logprobs is None
 
 
 def test_a_refused_request_is_a_result_error_with_the_servers_reason(

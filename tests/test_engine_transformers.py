@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -266,3 +267,42 @@ def test_bad_model_directory_is_an_engine_error(tmp_path: Path) -> None:
 
     with pytest.raises(EngineError, match="no-model"):
         asyncio.run(run())
+
+
+def _check_token_logprobs(result: InferenceResult) -> None:
+    assert result.token_logprobs is not None, result
+    assert "".join(text for text, _ in result.token_logprobs) == result.text
+    assert len(result.token_logprobs) == result.generated_tokens
+    assert all(math.isfinite(value) and value <= 0 for _, value in result.token_logprobs)
+
+
+@pytest.mark.engine
+def test_token_logprobs_only_for_the_requests_that_ask(
+    tiny_model_dir: Path, images: dict[str, Path]
+) -> None:
+    # One batch: asking requests and others share one generate; sampled ones too.
+    requests = [
+        _request("ask-0", images["wide.jpg"], logprobs=True, sampling=Sampling(max_tokens=12)),
+        _request("plain", images["wide.jpg"], sampling=Sampling(max_tokens=12)),
+        _request("ask-1", images["small.jpg"], logprobs=True, sampling=Sampling(max_tokens=3)),
+        _request(
+            "ask-hot",
+            images["tall.png"],
+            logprobs=True,
+            sampling=Sampling(max_tokens=8, temperature=0.9),
+        ),
+    ]
+
+    async def run() -> list[InferenceResult]:
+        async with _engine(tiny_model_dir) as engine:
+            return list(await asyncio.gather(*(engine.infer(r) for r in requests)))
+
+    ask0, plain, ask1, hot = asyncio.run(run())
+    for result, request in zip((ask0, plain, ask1, hot), requests, strict=True):
+        _check_well_formed(result, request)
+    _check_token_logprobs(ask0)
+    _check_token_logprobs(ask1)
+    _check_token_logprobs(hot)
+    assert plain.token_logprobs is None
+    # Greedy: each written token was the most likely one, so none is below log(1/vocabulary).
+    assert all(value >= math.log(1 / 4096) for _, value in ask0.token_logprobs or [])

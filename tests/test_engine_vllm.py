@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import multiprocessing
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
@@ -292,6 +293,64 @@ def test_cancelling_a_request_aborts_it_in_vllm(running: Running, images: dict[s
     # Its KV blocks are free again: a full batch still runs.
     again = running.run_all(engine.infer(_request(f"a-{i}", images["small.jpg"])) for i in range(8))
     assert all(r.error is None for r in again)
+
+
+def test_sampling_params_ask_vllm_for_logprobs_only_when_the_request_does(
+    running: Running, images: dict[str, Path]
+) -> None:
+    from vllm.sampling_params import RequestOutputKind
+
+    engine = running.engine
+    asked = engine.sampling_params(_request("a", images["small.jpg"], logprobs=True))
+    plain = engine.sampling_params(_request("p", images["small.jpg"]))
+    assert asked.logprobs == 0  # the sampled token's own logprob, no alternatives
+    assert plain.logprobs is None
+    # FINAL_ONLY: one output holding every token's logprob (DELTA would hand them in pieces).
+    assert asked.output_kind == plain.output_kind == RequestOutputKind.FINAL_ONLY
+    # vLLM's default mode: the model's logits before temperature and penalties.
+    assert running.engine._llm.vllm_config.model_config.logprobs_mode == "raw_logprobs"
+
+
+def _check_token_logprobs(result: InferenceResult) -> list[tuple[str, float]]:
+    assert result.error is None, result.error
+    tokens = result.token_logprobs
+    assert tokens is not None, result
+    assert "".join(text for text, _ in tokens) == result.text
+    assert len(tokens) == result.generated_tokens  # the stop token too, with the text ""
+    assert all(math.isfinite(value) and value <= 0 for _, value in tokens)
+    return tokens
+
+
+def test_token_logprobs_spell_the_text_when_asked_and_are_absent_otherwise(
+    running: Running, images: dict[str, Path]
+) -> None:
+    schema = SCHEMAS[0]  # {"ok": boolean}: bounded, so it stops
+    free, structured, hot, plain = running.run_all(
+        [
+            running.engine.infer(_request("lp-free", images["wide.jpg"], logprobs=True)),
+            running.engine.infer(
+                _request("lp-json", images["wide.jpg"], logprobs=True, json_schema=schema)
+            ),
+            running.engine.infer(
+                _request(
+                    "lp-hot",
+                    images["tall.jpg"],
+                    logprobs=True,
+                    sampling=Sampling(max_tokens=24, temperature=1.0),
+                )
+            ),
+            running.engine.infer(_request("lp-none", images["wide.jpg"], json_schema=schema)),
+        ]
+    )
+    _check_token_logprobs(free)
+    _check_token_logprobs(hot)
+    tokens = _check_token_logprobs(structured)
+    assert structured.finish_reason == "stop" and tokens[-1][0] == ""  # the stop token
+    assert plain.error is None and plain.token_logprobs is None
+    # The grammar's mask is applied before vLLM takes the logprobs: a token the schema forces
+    # (e.g. the "k" of "ok") reads as certain. Random weights never give exactly 0 unmasked.
+    assert any(value == 0.0 for _, value in tokens), tokens
+    assert all(value != 0.0 for _, value in free.token_logprobs or [])
 
 
 def test_close_aborts_in_flight_frees_the_engine_and_a_new_one_starts(

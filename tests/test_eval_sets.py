@@ -15,6 +15,7 @@ from PIL import Image, ImageChops
 from goflow_gpu.evaluation import Answer, load_labelled_set, summarise
 from goflow_gpu.evaluation.starter import build_starter_set, scene_key
 from goflow_gpu.prompts import load_catalog
+from goflow_gpu.prompts.result import result_schema
 from goflow_gpu.simulator.images import SCENE_KINDS, SCENE_PALETTE, labelled_scene
 
 STARTER = Path(__file__).resolve().parents[1] / "evalsets" / "starter"
@@ -23,7 +24,7 @@ STARTER = Path(__file__).resolve().parents[1] / "evalsets" / "starter"
 @pytest.fixture(scope="module")
 def schemas() -> dict[str, dict[str, Any]]:
     catalog = load_catalog()
-    return {slug: dict(spec.json_schema) for slug, spec in catalog.specs.items()}
+    return {slug: result_schema(spec.json_schema, spec.qa) for slug, spec in catalog.specs.items()}
 
 
 def test_regenerating_reproduces_the_shipped_set(tmp_path: Path):

@@ -67,7 +67,7 @@ LABELS = {
 
 
 def _objects(*items: tuple[str, list[int]]) -> str:
-    objects = [{"name": n, "confidence": 0.9, "bbox_2d": box} for n, box in items]
+    objects = [{"name": n, "bbox_2d": box} for n, box in items]
     return json.dumps({"objects_detected": objects, "image_description": "Flat shapes."})
 
 
@@ -80,8 +80,8 @@ CANDIDATE = {
     "B": PERFECT["B"],
 }
 PEOPLE = {
-    "A": json.dumps({"count": 0, "crowd_level": "none", "people": [], "confidence": 0.9}),
-    "B": '{"count": 3, "crowd_level": ',  # cut off: not JSON
+    "A": json.dumps({"people": [], "count_bin": "0"}),  # count 0, crowd none: computed
+    "B": '{"people": [], "count_bin": ',  # cut off: not JSON
 }
 
 

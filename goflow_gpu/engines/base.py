@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -55,6 +55,9 @@ class InferenceRequest:
     sampling: Sampling = field(default_factory=Sampling)
     group_key: tuple[str, str] = ("", "")  # (media id, variant): requests sharing a prefix
     image_first: bool = True
+    #: ask the engine for the log-probability of each generated token
+    #: (:attr:`InferenceResult.token_logprobs`); off by default, since it costs a little
+    logprobs: bool = False
 
 
 @dataclass
@@ -66,6 +69,20 @@ class InferenceResult:
     ``image_size`` is the (width, height) of the image as the model saw it (after the
     processor's resize); QA maps model-space boxes back to the original image with it.
     Times are ``time.monotonic()`` values.
+
+    ``token_logprobs`` (only when the request asked, ``request.logprobs``): one
+    ``(token text, log-probability)`` pair per generated token, in order, such that
+    ``"".join(t for t, _ in token_logprobs) == text``. The log-probability is the natural log of
+    the probability the model gave the token it wrote, given everything before it, from the
+    model's own logits: before temperature, top-p and the repetition penalty. Engines with
+    structured decoding apply the grammar's mask to the logits first (vLLM does, in-process and
+    served): there the probability is renormalised over the tokens the JSON schema allows at
+    that point, so a token the grammar forces reads as certain (log-probability 0). A token that
+    spells no text of its own (the stop token, the first bytes of a character split over two
+    tokens) has the text ``""``; its probability belongs to the next token that has text.
+    ``None`` when not asked for, or when the engine could not give pieces that spell ``text``
+    exactly (offsets into the text are never guessed). :mod:`goflow_gpu.prompts.confidence`
+    turns them into the confidence of one value of the JSON answer.
     """
 
     request_id: str
@@ -78,6 +95,7 @@ class InferenceResult:
     started_at: float = 0.0
     finished_at: float = 0.0
     error: str | None = None
+    token_logprobs: list[tuple[str, float]] | None = None
 
     @property
     def seconds(self) -> float:
@@ -146,3 +164,53 @@ class Engine(abc.ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+# -- token log-probabilities (shared by the engines) --------------------------------------------
+
+
+def align_token_logprobs(
+    text: str, pieces: Sequence[str], logprobs: Sequence[float]
+) -> list[tuple[str, float]] | None:
+    """``(piece, logprob)`` pairs when ``pieces`` spell ``text``, else ``None``.
+
+    Pieces after the point where ``text`` is fully spelled are tokens the engine left out of the
+    text (the stop token, written as ``"<|im_end|>"`` by some servers): they are kept, one per
+    generated token, with the text ``""``. Anything else that does not spell ``text`` exactly
+    gives ``None``: wrong offsets would attach probabilities to the wrong values.
+    """
+    if len(pieces) != len(logprobs):
+        return None
+    kept: list[str] = []
+    at = 0
+    for piece in pieces:
+        if at == len(text) and piece:
+            kept.append("")  # after the text: a stop or special token the text leaves out
+            continue
+        if not text.startswith(piece, at):
+            return None
+        kept.append(piece)
+        at += len(piece)
+    if at != len(text):
+        return None
+    return [(piece, float(value)) for piece, value in zip(kept, logprobs, strict=True)]
+
+
+def decoded_pieces(decode: Callable[[list[int]], str], token_ids: Sequence[int]) -> list[str]:
+    """The text each token adds, found with the tokenizer's ``decode`` (one short call a token).
+
+    Byte-level BPE splits some characters over several tokens; alone, each decodes to U+FFFD.
+    Tokens are decoded from the last point where all characters were complete: while the text
+    still ends in an unfinished character the tokens get ``""``, and the token that completes it
+    gets the whole character. ``decode`` should skip special tokens, like the engine's text.
+    """
+    pieces: list[str] = []
+    clean = 0  # index of the first token after the last complete character
+    for index in range(len(token_ids)):
+        window = decode(list(token_ids[clean : index + 1]))
+        if window.endswith("\ufffd") and index + 1 < len(token_ids):
+            pieces.append("")  # an unfinished character: wait for the token that completes it
+            continue
+        pieces.append(window)
+        clean = index + 1
+    return pieces

@@ -10,6 +10,13 @@ each answer is cut at its own budget.
 Structured decoding is not available here (``supports_json_schema = False``): the prompt text
 describes the schema and QA checks the answer.
 
+Token log-probabilities (``request.logprobs``): when any request of a ``generate`` asks,
+it runs with ``output_logits=True`` (the model's raw logits of every step, before the
+repetition penalty, temperature and top-p; no grammar mask here) and each asking answer gets
+``log_softmax`` of its step's logits at the token it wrote. Those logits are kept for the
+whole ``generate``: steps x batch x vocabulary float32 values (512 x 8 x 152k = 2.5 GB for
+Qwen2.5-VL), so ask only when the confidence is wanted.
+
 ``load_format="dummy"`` builds the model from its ``config.json`` with random weights (the real
 3B/7B architecture without downloads, see :func:`goflow_gpu.engines.tiny.build_random_model_dir`).
 """
@@ -26,7 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from goflow_gpu.engines.base import Engine, InferenceRequest, InferenceResult
+from goflow_gpu.engines.base import (
+    Engine,
+    InferenceRequest,
+    InferenceResult,
+    align_token_logprobs,
+    decoded_pieces,
+)
 from goflow_gpu.engines.chat import ChatTemplate
 from goflow_gpu.engines.images import prepared_image_cache
 from goflow_gpu.errors import EngineError, GoFlowError
@@ -347,8 +360,12 @@ class TransformersEngine(Engine):
             sampling.update(do_sample=False)
         tokenizer = processor.tokenizer
         stop_ids = _stop_ids(model, tokenizer)
+        want_logprobs = any(item.request.logprobs for item in group)
+        if want_logprobs:
+            # The raw logits of each step (output_scores would give the processed ones).
+            sampling.update(output_logits=True, return_dict_in_generate=True)
         with torch.inference_mode():
-            output = model.generate(
+            generated = model.generate(
                 **inputs,
                 max_new_tokens=budget,
                 pad_token_id=tokenizer.pad_token_id,
@@ -356,7 +373,11 @@ class TransformersEngine(Engine):
                 **sampling,
             )
         finished = time.monotonic()
+        output = generated.sequences if want_logprobs else generated
         prompt_width = inputs["input_ids"].shape[1]
+        chosen_logprobs = (
+            _chosen_logprobs(generated.logits, output[:, prompt_width:]) if want_logprobs else None
+        )
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
         grids = inputs["image_grid_thw"].tolist()
         patch = int(getattr(processor.image_processor, "patch_size", 14))
@@ -366,18 +387,25 @@ class TransformersEngine(Engine):
             limit = item.request.sampling.max_tokens
             kept, finish_reason = _cut(new_tokens, stop_ids, limit)
             _, grid_h, grid_w = grids[row]
+            text = tokenizer.decode(
+                [t for t in kept if t not in stop_ids], skip_special_tokens=True
+            )
+            token_logprobs = None
+            if item.request.logprobs and chosen_logprobs is not None:
+                token_logprobs = _token_logprobs(
+                    tokenizer, text, kept, stop_ids, chosen_logprobs[row][: len(kept)]
+                )
             results.append(
                 InferenceResult(
                     request_id=item.request.request_id,
-                    text=tokenizer.decode(
-                        [t for t in kept if t not in stop_ids], skip_special_tokens=True
-                    ),
+                    text=text,
                     finish_reason=finish_reason,
                     prompt_tokens=int(prompt_lengths[row]),
                     generated_tokens=len(kept),
                     image_size=(int(grid_w) * patch, int(grid_h) * patch),
                     started_at=item.started_at,
                     finished_at=finished,
+                    token_logprobs=token_logprobs,
                 )
             )
         return results
@@ -418,6 +446,38 @@ def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids
+
+
+def _chosen_logprobs(step_logits: Any, new_tokens: Any) -> list[list[float]]:
+    """Per row, the log-probability of the token written at each step: ``log_softmax`` of the
+    step's raw logits at that token (steps after a row stopped hold padding; callers cut)."""
+    import torch
+
+    columns = []
+    for step, logits in enumerate(step_logits):
+        chosen = new_tokens[:, step : step + 1].to(logits.device)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        columns.append(logprobs.gather(1, chosen).squeeze(1))
+    if not columns:
+        return [[] for _ in range(new_tokens.shape[0])]
+    rows: list[list[float]] = torch.stack(columns, dim=1).cpu().tolist()
+    return rows
+
+
+def _token_logprobs(
+    tokenizer: Any, text: str, kept: list[int], stop_ids: set[int], logprobs: list[float]
+) -> list[tuple[str, float]] | None:
+    """``(text piece, logprob)`` per kept token; the stop token spells ``""``, like the text."""
+    if len(logprobs) != len(kept):
+        return None
+    pieces = [""] * len(kept)
+    spelled = [i for i, token in enumerate(kept) if token not in stop_ids]
+    derived = decoded_pieces(
+        lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)), [kept[i] for i in spelled]
+    )
+    for index, piece in zip(spelled, derived, strict=True):
+        pieces[index] = piece
+    return align_token_logprobs(text, pieces, logprobs)
 
 
 def _cut(tokens: list[int], stop_ids: set[int], limit: int) -> tuple[list[int], str]:

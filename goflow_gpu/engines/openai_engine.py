@@ -12,6 +12,16 @@ processor would pick for ``min_pixels``/``max_pixels`` (a multiple of 28 on both
 then has nothing left to resize whatever its own pixel settings (unless they are narrower), so
 ``image_size`` in the result is the space the model's box coordinates refer to.
 
+Token log-probabilities (``request.logprobs``): the request then carries ``"logprobs": true``
+(no ``top_logprobs``: only the written token's own), and the answer's
+``choices[0].logprobs.content[]`` items (``token``, ``logprob``, ``bytes``) become
+``result.token_logprobs``. What the value means is the server's business: vLLM serve gives its
+``raw_logprobs`` (the model's logits before temperature and penalties, after the JSON grammar's
+mask, see :meth:`~goflow_gpu.engines.vllm_engine.VllmEngine.sampling_params`) and writes the
+stop token as ``"<|im_end|>"`` (kept with the text ``""``); a server that splits a character's
+bytes over tokens is read through each item's ``bytes``. A server that ignores the flag gives
+``None``.
+
 Failures: connection errors, timeouts, 429 and 5xx are retried with backoff (Retry-After
 honoured); when they outlast the retries the engine raises :class:`~goflow_gpu.errors.EngineError`
 (the job stops resumably: a passing server fault must never become a failed result). A request
@@ -46,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import io
 import os
 import re
@@ -56,7 +67,12 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from goflow_gpu.engines.base import Engine, InferenceRequest, InferenceResult
+from goflow_gpu.engines.base import (
+    Engine,
+    InferenceRequest,
+    InferenceResult,
+    align_token_logprobs,
+)
 from goflow_gpu.engines.images import ImageCache, prepare_image
 from goflow_gpu.errors import ConfigError, EngineError, MediaError, TransientError
 from goflow_gpu.logs import get_logger, register_secret
@@ -244,6 +260,9 @@ class OpenAIEngine(Engine):
             "repetition_penalty": request.sampling.repetition_penalty,
             "seed": self.seed,
         }
+        if request.logprobs:
+            # The written token's own log-probability only (top_logprobs would add others).
+            body["logprobs"] = True
         if request.json_schema is not None:
             body["response_format"] = {
                 "type": "json_schema",
@@ -372,9 +391,10 @@ def _parse_answer(
     usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    text = text if isinstance(text, str) else ""
     return InferenceResult(
         request_id=request.request_id,
-        text=text if isinstance(text, str) else "",
+        text=text,
         finish_reason=str(choice.get("finish_reason") or "stop"),
         prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
         cached_tokens=_int_or_none(cached),
@@ -382,7 +402,48 @@ def _parse_answer(
         image_size=image_size,
         started_at=started,
         finished_at=time.monotonic(),
+        token_logprobs=_token_logprobs(text, choice.get("logprobs")) if request.logprobs else None,
     )
+
+
+def _token_logprobs(text: str, logprobs: object) -> list[tuple[str, float]] | None:
+    """``choices[0].logprobs`` as ``(text, logprob)`` pairs that spell ``text``, else ``None``.
+
+    The items' ``token`` texts are used when they spell the text. Otherwise, when every item
+    has its ``bytes``, the texts are rebuilt from those: a character whose bytes are split over
+    tokens belongs to the token that completes it (the others get ``""``).
+    """
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(content, list):
+        return None
+    pieces: list[str] = []
+    values: list[float] = []
+    raw: list[bytes] | None = []
+    for item in content:
+        if not isinstance(item, dict):
+            return None
+        token, value = item.get("token"), item.get("logprob")
+        if not isinstance(token, str) or not isinstance(value, int | float):
+            return None
+        if isinstance(value, bool):
+            return None
+        pieces.append(token)
+        values.append(float(value))
+        data = item.get("bytes")
+        if raw is not None and isinstance(data, list) and all(_is_byte(b) for b in data):
+            raw.append(bytes(data))
+        else:
+            raw = None
+    aligned = align_token_logprobs(text, pieces, values)
+    if aligned is None and raw is not None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        rebuilt = [decoder.decode(data) for data in raw]
+        aligned = align_token_logprobs(text, rebuilt, values)
+    return aligned
+
+
+def _is_byte(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 256
 
 
 def _int_or_none(value: object) -> int | None:

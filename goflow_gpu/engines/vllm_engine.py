@@ -22,6 +22,10 @@ processor for the 2nd..25th analysis; each chat template is rendered once per di
 Structured outputs use xgrammar with ``disable_any_whitespace``: the JSON comes out compact, so
 the token budget is spent on content rather than padding.
 
+Token log-probabilities (``request.logprobs``, see :meth:`VllmEngine.sampling_params`): vLLM's
+``logprobs=0``, i.e. the sampled token's own log-probability at each position and no
+alternatives, in vLLM's default ``logprobs_mode`` ``raw_logprobs``.
+
 vLLM is imported inside :meth:`VllmEngine.start`, never at module import, so the CLI starts
 without it. vLLM's exceptions are mapped here: a failure of one request becomes
 ``result.error``; a dead or unloadable engine raises :class:`~goflow_gpu.errors.EngineError`.
@@ -37,7 +41,13 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from goflow_gpu.engines.base import Engine, InferenceRequest, InferenceResult
+from goflow_gpu.engines.base import (
+    Engine,
+    InferenceRequest,
+    InferenceResult,
+    align_token_logprobs,
+    decoded_pieces,
+)
 from goflow_gpu.engines.chat import ChatTemplate
 from goflow_gpu.engines.images import PreparedImage, prepared_image_cache
 from goflow_gpu.errors import EngineError, MediaError
@@ -121,6 +131,7 @@ class VllmEngine(Engine):
         self.max_num_batched_tokens = max_num_batched_tokens
         self._llm: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
         self._template: ChatTemplate | None = None  # the processor's chat template, once loaded
+        self._tokenizer: Any = None  # the processor's tokenizer, once loaded (token texts)
         self.images = prepared_image_cache(min_pixels, max_pixels)
         self._start_lock = asyncio.Lock()
         self._closed = False
@@ -230,6 +241,7 @@ class VllmEngine(Engine):
         # carried a return value outlive the call, and would pin the AsyncLLM after close().
         processor, args = self._prepare()
         self._template = ChatTemplate(processor)
+        self._tokenizer = getattr(processor, "tokenizer", None)
         self._llm = _build_async_llm(self.model, args)
 
     def structured_outputs_config(self) -> Any:
@@ -263,6 +275,7 @@ class VllmEngine(Engine):
         self._closed = True
         async with self._start_lock:
             llm, self._llm, self._template = self._llm, None, None
+            self._tokenizer = None
             self.images.clear()
             if llm is None:
                 return
@@ -360,7 +373,40 @@ class VllmEngine(Engine):
             image_size=image_size,
             started_at=started,
             finished_at=finished,
+            token_logprobs=self.token_logprobs(completion) if request.logprobs else None,
         )
+
+    def token_logprobs(self, completion: Any) -> list[tuple[str, float]] | None:
+        """The (text, logprob) of each token of a finished ``CompletionOutput``, or ``None``.
+
+        With ``RequestOutputKind.FINAL_ONLY`` (see :meth:`sampling_params`) the one output
+        ``generate`` yields holds the whole answer: ``token_ids``, and ``logprobs`` as one
+        ``{token_id: Logprob}`` dict per generated token (the stop token included), the sampled
+        token's entry always present. vLLM's ``decoded_token`` texts are used when they spell
+        the text (the stop token's ``"<|im_end|>"`` becomes ``""``); otherwise the texts are
+        derived again with the tokenizer, and ``None`` is returned when even those do not.
+        """
+        token_ids = list(completion.token_ids)
+        positions = completion.logprobs
+        if positions is None or len(positions) != len(token_ids):
+            return None
+        pieces: list[str] = []
+        values: list[float] = []
+        for token_id, position in zip(token_ids, positions, strict=True):
+            entry = position.get(token_id) if position else None
+            if entry is None:
+                return None
+            pieces.append(entry.decoded_token or "")
+            values.append(float(entry.logprob))
+        text = completion.text
+        aligned = align_token_logprobs(text, pieces, values)
+        tokenizer = self._tokenizer
+        if aligned is None and tokenizer is not None:
+            derived = decoded_pieces(
+                lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)), token_ids
+            )
+            aligned = align_token_logprobs(text, derived, values)
+        return aligned
 
     @staticmethod
     def prompt(request: InferenceRequest, image: PreparedImage, template: ChatTemplate) -> Any:
@@ -384,6 +430,24 @@ class VllmEngine(Engine):
         return self._template
 
     def sampling_params(self, request: InferenceRequest) -> Any:
+        """vLLM's ``SamplingParams`` for ``request``.
+
+        ``output_kind=FINAL_ONLY``: ``generate`` yields one output, when the request finishes,
+        with the whole text and, when asked, every token's log-probability.
+
+        ``logprobs=0`` when the request asks for token log-probabilities (``None`` otherwise:
+        nothing is computed). vLLM always returns the sampled token's log-probability and adds
+        the ``logprobs`` most likely others; 0 asks for no others. The engine's
+        ``logprobs_mode`` is left at vLLM's default, ``raw_logprobs``: ``log_softmax`` of the
+        model's logits before temperature, top-p/top-k and the repetition penalty, i.e. the
+        model's own belief, not the distribution the sampler reshaped (temperature neither
+        sharpens nor flattens it). One limit: the model runner applies the structured
+        output grammar's bitmask to the logits in place before the sampler runs, so "raw" is
+        after the grammar's mask. Under a JSON schema the probability is renormalised over the
+        tokens the grammar allows there; a token the grammar forces (only one allowed) reads
+        as log-probability 0, and an enum's value is weighed only against the other values of
+        the enum. For free-text values (most of the vocabulary allowed) the mask changes little.
+        """
         from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
         structured = (
@@ -399,6 +463,7 @@ class VllmEngine(Engine):
             seed=self.seed,
             structured_outputs=structured,
             output_kind=RequestOutputKind.FINAL_ONLY,
+            logprobs=0 if request.logprobs else None,
         )
 
 

@@ -50,6 +50,8 @@ _COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("answers", "answers", "int"),
     ("schema_valid_rate", "schema valid", "pct"),
     ("qa_pass_rate", "QA pass", "pct"),
+    ("repaired_rate", "repaired", "pct"),
+    ("consistent_rate", "consistent", "pct"),
     ("labelled", "labelled", "int"),
     ("field_agreement", "field agreement", "pct"),
     ("box_precision", "box P", "pct"),
@@ -62,6 +64,8 @@ _DELTA_METRICS: tuple[tuple[str, str, str], ...] = (
     ("field_agreement", "field agreement", "pct"),
     ("qa_pass_rate", "QA pass", "pct"),
     ("schema_valid_rate", "schema valid", "pct"),
+    ("consistent_rate", "consistent", "pct"),
+    ("repaired_rate", "repaired", "pct"),
     ("box_precision", "box P", "pct"),
     ("box_recall", "box R", "pct"),
     ("generated_tokens_per_answer", "gen tok", "num"),
@@ -389,7 +393,14 @@ def _html_delta_table(comparison: Comparison) -> str:
 
 
 _HIGHER_IS_BETTER = frozenset(
-    {"field_agreement", "qa_pass_rate", "schema_valid_rate", "box_precision", "box_recall"}
+    {
+        "field_agreement",
+        "qa_pass_rate",
+        "schema_valid_rate",
+        "consistent_rate",
+        "box_precision",
+        "box_recall",
+    }
 )
 
 

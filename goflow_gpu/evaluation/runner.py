@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from goflow_gpu.engines.base import Engine, InferenceRequest, InferenceResult, Sampling
 from goflow_gpu.errors import MediaError
@@ -46,6 +47,7 @@ class Images:
         self.workdir = workdir
         self._greyscale: dict[Path, Path] = {}
         self._sizes: dict[Path, tuple[int, int]] = {}
+        self._facts: dict[Path, dict[str, Any]] = {}
 
     def size(self, image: Path) -> tuple[int, int]:
         """The original ``(width, height)``; raises :class:`MediaError` naming the file."""
@@ -58,6 +60,16 @@ class Images:
             except (OSError, UnidentifiedImageError) as exc:
                 raise MediaError(f"cannot open image {image}: {exc}") from None
         return self._sizes[image]
+
+    def facts(self, image: Path, names: Iterable[str]) -> dict[str, Any]:
+        """The pixel facts ``names`` of ``image`` (the original file), computed once each."""
+        from goflow_gpu.prompts.pixels import compute_facts
+
+        known = self._facts.setdefault(image, {})
+        missing = sorted(set(names) - set(known))
+        if missing:
+            known.update(compute_facts(image, missing))
+        return known
 
     def path(self, image: Path, variant: str) -> Path:
         """The file to send for ``variant`` (``optimised`` or ``greyscale``)."""
@@ -90,6 +102,7 @@ async def ask(
 ) -> Asked:
     """Ask ``engine`` the analysis ``rendered`` about ``image`` and judge the answer."""
     original = images.size(image)
+    facts = images.facts(image, rules.pixel_facts.values()) if rules.pixel_facts else None
     began = time.monotonic()
     result = await engine.infer(
         InferenceRequest(
@@ -100,6 +113,7 @@ async def ask(
             json_schema=rendered.json_schema,
             sampling=Sampling(max_tokens=rendered.max_tokens, temperature=rendered.temperature),
             group_key=(str(image), rendered.variant),
+            logprobs=bool(rules.logprob_confidence),
         )
     )
     seconds = time.monotonic() - began
@@ -110,6 +124,7 @@ async def ask(
         original_size=original,
         min_pixels=min_pixels,
         max_pixels=max_pixels,
+        facts=facts,
     )
     return Asked(result, verdict, _schema_valid(result, rendered), original, seconds)
 
@@ -124,6 +139,18 @@ def _schema_valid(result: InferenceResult, rendered: RenderedPrompt) -> bool:
     return rendered.json_schema is None or not schema_reasons(data, rendered.json_schema)
 
 
+def pairs_to_ask(
+    catalog: Catalog, labelled: list[LabelledImage], *, every_analysis: bool = False
+) -> list[tuple[LabelledImage, str]]:
+    """The (image, analysis slug) pairs a run asks, image-major, slugs sorted."""
+    return [
+        (item, slug)
+        for item in labelled
+        for slug in sorted(catalog.specs if every_analysis else item.expected)
+        if slug in catalog.specs
+    ]
+
+
 async def run_catalog(
     engine: Engine,
     catalog: Catalog,
@@ -133,16 +160,16 @@ async def run_catalog(
     min_pixels: int,
     max_pixels: int,
     on_answer: Callable[[Answer], None] | None = None,
+    every_analysis: bool = False,
 ) -> list[Answer]:
-    """Answer every labelled (image, analysis) pair of ``labelled`` with ``catalog``'s specs.
+    """Answer every labelled (image, analysis) pair of ``labelled`` with ``catalog``'s specs
+    (with ``every_analysis``: every analysis of the catalog for every image, labelled or not).
 
     Pairs whose analysis is not in the catalog are skipped (the caller reports them). Answers
     come back in the set's order, whatever order they finished in.
     """
     images = Images(workdir)
-    pairs = [
-        (item, slug) for item in labelled for slug in sorted(item.expected) if slug in catalog.specs
-    ]
+    pairs = pairs_to_ask(catalog, labelled, every_analysis=every_analysis)
     gate = asyncio.Semaphore(max(1, engine.max_in_flight))
 
     async def one(index: int, item: LabelledImage, slug: str) -> Answer:

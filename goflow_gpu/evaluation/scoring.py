@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from goflow_gpu.evaluation.consistency import problems
 from goflow_gpu.evaluation.fields import (
     BOX_KEY,
     BOX_KINDS,
@@ -45,13 +46,20 @@ from goflow_gpu.evaluation.fields import (
     plan_fields,
 )
 from goflow_gpu.evaluation.labels import EvalSetError, LabelledImage
+from goflow_gpu.prompts.qa import WARNINGS_KEY
 
 ALL = "all"
 """Key of the summary row over every analysis."""
-GUARDED_METRICS: tuple[str, ...] = ("field_agreement", "qa_pass_rate", "schema_valid_rate")
+GUARDED_METRICS: tuple[str, ...] = (
+    "field_agreement",
+    "qa_pass_rate",
+    "schema_valid_rate",
+    "consistent_rate",
+)
 """Metrics whose drop against the baseline is a regression."""
 COMPARED_METRICS: tuple[str, ...] = (
     *GUARDED_METRICS,
+    "repaired_rate",
     "box_precision",
     "box_recall",
     "prompt_tokens_per_answer",
@@ -156,6 +164,11 @@ class AnalysisScore:
     seconds_per_answer: float | None
     field_means: dict[str, float] = field(default_factory=dict)
     """Dotted field path -> mean score (``all`` prefixes paths with the slug)."""
+    repaired_rate: float | None = None
+    """Share of the QA-passed answers that QA repaired (their result has ``qa_warnings``)."""
+    consistent_rate: float | None = None
+    """Share of the QA-passed answers whose fields do not contradict each other
+    (:func:`goflow_gpu.evaluation.consistency.problems`); labels play no part."""
 
     def metric(self, name: str) -> float | None:
         value = getattr(self, name)
@@ -444,12 +457,16 @@ def score_run(
     labelled: Sequence[LabelledImage],
     schemas: Mapping[str, Mapping[str, Any]],
     rules: ScoringRules = DEFAULT_RULES,
+    *,
+    strict: bool = True,
 ) -> RunScores:
     """Score every answer, add the labelled pairs the run never answered, and summarise.
 
     The analyses evaluated are those the run answered: labels of an analysis without any answer
     are left out; a labelled image without an answer for an answered analysis scores 0.
-    Raises :class:`EvalSetError` (naming the label file) for labels that do not fit a schema.
+    Raises :class:`EvalSetError` (naming the label file) for labels that do not fit a schema;
+    with ``strict=False`` (a baseline catalog whose results have other fields than the ones
+    the set was labelled for) such top-level fields are left unscored instead.
     """
     answer_list = tuple(answers)
     by_name = {image.name: image for image in labelled}
@@ -460,13 +477,13 @@ def score_run(
         image = by_name.get(answer.image)
         expected = image.expected.get(answer.slug) if image is not None else None
         result = answer.result if answer.qa_passed else None
-        fields = _score_labelled(image, answer.slug, expected, result, schemas, rules)
+        fields = _score_labelled(image, answer.slug, expected, result, schemas, rules, strict)
         scored.append(ScoredAnswer(answer.image, answer.slug, answer, tuple(fields)))
     for image in labelled:
         for slug in slugs:
             expected = image.expected.get(slug)
             if expected and (image.name, slug) not in answered:
-                fields = _score_labelled(image, slug, expected, None, schemas, rules)
+                fields = _score_labelled(image, slug, expected, None, schemas, rules, strict)
                 scored.append(ScoredAnswer(image.name, slug, None, tuple(fields)))
     summary = _summary(scored, slugs)
     return RunScores(name=name, answers=answer_list, scored=tuple(scored), summary=summary)
@@ -489,6 +506,7 @@ def _score_labelled(
     result: Mapping[str, Any] | None,
     schemas: Mapping[str, Mapping[str, Any]],
     rules: ScoringRules,
+    strict: bool = True,
 ) -> list[FieldScore]:
     if not expected or image is None:
         return []
@@ -499,7 +517,14 @@ def _score_labelled(
     try:
         plan = plan_fields(expected, schema)
     except FieldError as exc:
-        raise EvalSetError(f"{where}: {slug}: {exc}") from None
+        if strict:
+            raise EvalSetError(f"{where}: {slug}: {exc}") from None
+        plan = []
+        for key, value in expected.items():
+            try:
+                plan.extend(plan_fields({key: value}, schema))
+            except FieldError:
+                continue  # a field this catalog's results do not have: not scored for it
     return [_score_rule(rule, result, rules) for rule in plan]
 
 
@@ -514,6 +539,7 @@ def _summary(scored: Sequence[ScoredAnswer], slugs: Sequence[str]) -> dict[str, 
 
 def _fold(slug: str, items: Sequence[ScoredAnswer], *, prefix: bool) -> AnalysisScore:
     answers = [item.answer for item in items if item.answer is not None]
+    passed = [a.result for a in answers if a.qa_passed and a.result is not None]
     labelled = [item for item in items if item.fields]
     scores = [f for item in labelled for f in item.fields]
     box_fields = [f for f in scores if f.kind in BOX_KINDS]
@@ -543,6 +569,8 @@ def _fold(slug: str, items: Sequence[ScoredAnswer], *, prefix: bool) -> Analysis
         generated_tokens_per_answer=_mean(a.generated_tokens for a in answers),
         seconds_per_answer=_mean(a.seconds for a in answers),
         field_means={path: sum(v) / len(v) for path, v in sorted(by_path.items())},
+        repaired_rate=_rate(bool(result.get(WARNINGS_KEY)) for result in passed),
+        consistent_rate=_rate(not problems(result) for result in passed),
     )
 
 

@@ -7,10 +7,11 @@ evalsets/starter`` writes; tests/test_eval_sets.py checks that.
 
 Only answers the picture decides are labelled, in the current wire field names: the shapes as
 objects named ``circle``/``square``/``triangle`` with their boxes, the one word as text with its
-box, and the absence of people, animals, vehicles, food, landmarks and anything unsafe or
-needing compliance review. Colours, scene kind, mood and descriptions are left unlabelled: the
-right answer is a matter of wording, not of the picture (the scene's colour shares are still
-written to the README table for whoever wants to label them).
+box, the absence of people, animals, vehicles, food, landmarks and anything unsafe or needing
+compliance review, and the orientation and resolution (pixel facts the worker computes).
+Colours, scene kind, mood and descriptions are left unlabelled: the right answer is a matter of
+wording, not of the picture (the scene's colour shares are still written to the README table
+for whoever wants to label them).
 """
 
 from __future__ import annotations
@@ -52,7 +53,15 @@ def scene_labels(scene: LabelledScene) -> dict[str, dict[str, Any]]:
 
     objects = sorted(scene.shapes, key=lambda s: (-s.box[2] * s.box[3], s.box[1], s.box[0]))
     word_block = {"text": scene.word, "bounding_box": box(scene.word_box)}
+    width, height = scene.image.size
+    orientation = (
+        "square"
+        if abs(width - height) < 0.05 * max(width, height)
+        else ("landscape" if width > height else "portrait")
+    )
     return {
+        "composition": {"orientation": orientation},
+        "image-quality": {"resolution": {"width": width, "height": height}},
         "object-detection": {
             "objects_detected": [{"name": s.kind, "bounding_box": box(s.box)} for s in objects]
         },
@@ -62,7 +71,7 @@ def scene_labels(scene: LabelledScene) -> dict[str, dict[str, Any]]:
             "full_text": scene.word,
         },
         "text-legibility": {"has_text": True},
-        "people-count": {"count": 0, "crowd_level": "none", "people": []},
+        "people-count": {"people": [], "count_bin": "0", "count": 0, "crowd_level": "none"},
         "animal-detection": {"has_animals": False, "animals": []},
         "vehicle-detection": {"has_vehicles": False, "vehicles": []},
         "food-recognition": {"has_food": False, "items": []},
@@ -73,7 +82,7 @@ def scene_labels(scene: LabelledScene) -> dict[str, dict[str, Any]]:
             "categories": dict.fromkeys(_CONTENT_CATEGORIES, "none"),
         },
         "compliance-flags": {
-            "flags": {flag: {"present": False} for flag in _COMPLIANCE_FLAGS},
+            "flags": dict.fromkeys(_COMPLIANCE_FLAGS, "absent"),
             "requires_review": False,
         },
     }
@@ -133,7 +142,9 @@ def _readme(n: int, seed: str, rows: list[str]) -> str:
             "Labelled: object-detection (shapes named circle / square / triangle, with boxes),",
             "text-recognition (the word, with its box), text-legibility, people-count,",
             "animal-, vehicle-, food- and landmark-recognition (none present), content-safety",
-            "and compliance-flags (nothing to flag). Boxes are in the image's own pixels.",
+            "and compliance-flags (nothing to flag), composition's orientation and",
+            "image-quality's resolution (facts computed from the pixels, so a check of that",
+            "code). Boxes are in the image's own pixels.",
             "",
             "| image | size | word | shapes | colours (share of pixels) |",
             "|---|---|---|---|---|",

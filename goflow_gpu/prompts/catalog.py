@@ -226,10 +226,108 @@ def _scan(directory: Path | None) -> _Scan:
         for path, message in schema_errors(spec.json_schema):
             scan.errors.append(f"{entry.where(('json_schema', *path))}: json_schema: {message}")
         if len(scan.errors) == before:
+            scan.errors.extend(_finishing_errors(entry))
+        if len(scan.errors) == before:
             scan.specs[spec.slug] = entry
     if not files:
         scan.errors.append(f"{root}:0: no spec files (*.yaml) in the catalog directory")
     return scan
+
+
+# The answer's keys as QA converts them: checks and computed fields read the converted result.
+_WIRE_NAMES = {"bbox_2d": WIRE_BOX_KEY, "point_2d": "point", "points_2d": "points"}
+
+
+def _finishing_errors(entry: _Entry) -> list[str]:
+    """Computed fields, log-probability confidences, pixel facts and cross-field checks that
+    name fields the answer does not have (a typo would otherwise only show in results)."""
+    from goflow_gpu.prompts.pixels import FACTS  # numpy: only when a catalog is checked
+
+    spec, qa = entry.spec, entry.spec.qa
+    known = _answer_fields(spec.json_schema)
+    out: list[str] = []
+
+    def need(path: str, where: tuple[Any, ...], what: str) -> None:
+        if path.split(".", 1)[0].split("[]", 1)[0] not in known and path not in known:
+            out.append(
+                f"{entry.where(('qa', *where))}: {what} '{path}' is not a field of the answer"
+            )
+
+    for index, computed in enumerate(qa.computed):
+        where = ("computed", index)
+        if computed.field in known:
+            out.append(
+                f"{entry.where(('qa', *where, 'field'))}: '{computed.field}' is computed, so it "
+                "must not be asked too (remove it from json_schema)"
+            )
+        if "[]." in computed.field:
+            need(computed.field.split("[].", 1)[0], (*where, "field"), "list")
+            base = computed.field.split("[].", 1)[0] + "[]."
+            need(base + computed.source, (*where, "source"), "source")
+        else:
+            need(computed.source, (*where, "source"), "source")
+        if computed.rule == "map":
+            enum = _enum_of(spec.json_schema, computed.source, known)
+            missing = [v for v in enum if v not in computed.mapping]
+            if missing:
+                out.append(
+                    f"{entry.where(('qa', *where, 'mapping'))}: mapping lacks "
+                    f"{', '.join(map(repr, missing))} of {computed.source}"
+                )
+        known[computed.field] = {}
+    for index, rated in enumerate(qa.logprob_confidence):
+        base = rated.field.split("[].", 1)[0] + "[]." if "[]." in rated.field else ""
+        need(base + rated.value, ("logprob_confidence", index, "value"), "value")
+    for name, fact in qa.pixel_facts.items():
+        if fact not in FACTS:
+            out.append(
+                f"{entry.where(('qa', 'pixel_facts', name))}: unknown pixel fact '{fact}' "
+                f"(known: {', '.join(sorted(FACTS))})"
+            )
+        if name in known:
+            out.append(
+                f"{entry.where(('qa', 'pixel_facts', name))}: '{name}' is computed from pixels, "
+                "so it must not be asked too (remove it from json_schema)"
+            )
+    for index, check in enumerate(qa.counts):
+        need(check.bin, ("counts", index, "bin"), "bin")
+        need(check.points, ("counts", index, "points"), "points")
+    for index, rule in enumerate(qa.exclusions):
+        need(rule.within, ("exclusions", index, "within"), "list")
+        need(rule.value, ("exclusions", index, "value"), "value")
+    return out
+
+
+def _answer_fields(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The answer's fields by path (``a``, ``a[].b``, ``a.b``), under their converted names."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def visit(node: dict[str, Any], prefix: str) -> None:
+        for name, sub in (node.get("properties") or {}).items():
+            if not isinstance(sub, dict):
+                continue
+            path = prefix + _WIRE_NAMES.get(name, name)
+            found[path] = sub
+            if sub.get("type") == "object":
+                visit(sub, path + ".")
+            items = sub.get("items")
+            if sub.get("type") == "array" and isinstance(items, dict):
+                visit(items, path + "[].")
+            for branch in sub.get("anyOf") or []:
+                if isinstance(branch, dict) and branch.get("type") == "object":
+                    visit(branch, path + ".")
+
+    visit(schema, "")
+    return found
+
+
+def _enum_of(schema: dict[str, Any], path: str, known: dict[str, dict[str, Any]]) -> list[Any]:
+    node = known.get(path) or {}
+    if path.endswith(".*"):
+        parent = known.get(path[:-2]) or {}
+        values = [v.get("enum") for v in (parent.get("properties") or {}).values()]
+        return sorted({e for enum in values if enum for e in enum}, key=str)
+    return list(node.get("enum") or [])
 
 
 def _load_model(file: Path, model: type[_M], errors: list[str]) -> tuple[_M, YamlSource] | None:

@@ -7,7 +7,7 @@ import functools
 import json
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -15,6 +15,7 @@ from rich.table import Table
 
 from goflow_gpu.errors import GoFlowError
 from goflow_gpu.prompts.catalog import Catalog, CatalogError, lint_catalog, load_catalog
+from goflow_gpu.prompts.result import result_schema
 from goflow_gpu.prompts.spec import PromptSpec, QARules, RenderedPrompt
 
 if TYPE_CHECKING:
@@ -24,8 +25,10 @@ app = typer.Typer(
     help=(
         "Tools for prompt authors. Each analysis type is one YAML file in the prompt catalog "
         "(prompts/<slug>.yaml, plus _catalog.yaml with the shared system prompt). List the "
-        "specs, validate a catalog before shipping it, render the exact texts a job sends, and "
-        "try a spec on an image with the configured engine. How to write a spec: PROMPTS.md."
+        "specs, validate a catalog before shipping it, render the exact texts a job sends, "
+        "try a spec on an image with the configured engine, check token budgets, generate the "
+        "customer reference (docs/ANALYSES.md) and lock versions. How to write a spec: "
+        "PROMPTS.md."
     ),
     no_args_is_help=True,
     rich_markup_mode=None,
@@ -278,6 +281,15 @@ def eval_catalog(
             "of any analysis drops by more than this.",
         ),
     ] = 0.05,
+    every_analysis: Annotated[
+        bool,
+        typer.Option(
+            "--every-analysis",
+            help="Ask every analysis of the catalog for every image, labelled or not: the "
+            "unlabelled ones count for the schema-valid, QA-pass, repaired and consistent "
+            "rates (not for agreement).",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     engine: EngineOpt = None,
     model: ModelOpt = None,
@@ -287,7 +299,8 @@ def eval_catalog(
 
     Every labelled (image, analysis) pair is asked once per catalog with the configured engine,
     checked by QA as in a job (boxes converted to the image's own pixels), and compared with
-    its labels. Per analysis: schema-valid rate, QA pass rate, field agreement (exact for enums
+    its labels. Per analysis: schema-valid rate, QA pass rate, the share of passed answers QA
+    repaired and the share whose fields agree with each other, field agreement (exact for enums
     and booleans, 10% for numbers, set F1 for lists, boxes matched at IoU >= 0.5 with
     precision and recall, a similarity for free text), tokens and seconds per answer. Writes
     results.json, report.md and report.html (images with predicted and expected boxes) into
@@ -309,9 +322,12 @@ def eval_catalog(
         runs.append((_catalog_name(base, "baseline"), base))
     try:
         labelled = load_labelled_set(labelled_set, _schemas(candidate))
-        answers = asyncio.run(_evaluate(settings, runs, labelled))
+        answers = asyncio.run(_evaluate(settings, runs, labelled, every_analysis=every_analysis))
+        # The set is labelled for the candidate's results; a baseline with other result
+        # fields (an older catalog) is scored on the fields it shares with them.
         scored = [
-            score_run(name, answers[name], labelled, _schemas(catalog)) for name, catalog in runs
+            score_run(name, answers[name], labelled, _schemas(catalog), strict=index == 0)
+            for index, (name, catalog) in enumerate(runs)
         ]
     except GoFlowError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -330,16 +346,29 @@ def eval_catalog(
         raise typer.Exit(1)
 
 
+def _fail(problems: list[str], summary: str) -> NoReturn:
+    """Print each problem and a summary line on stderr, then exit 1."""
+    for problem in problems:
+        typer.echo(problem, err=True)
+    typer.echo(summary, err=True)
+    raise typer.Exit(1)
+
+
 def _catalog_name(catalog: Catalog, role: str) -> str:
     return f"{role} ({catalog.source})"
 
 
 def _schemas(catalog: Catalog) -> dict[str, dict[str, Any]]:
-    return {slug: catalog.render(spec).json_schema or {} for slug, spec in catalog.specs.items()}
+    """The result schema of each analysis: labels describe results, not the model's answers."""
+    return {slug: result_schema(spec.json_schema, spec.qa) for slug, spec in catalog.specs.items()}
 
 
 async def _evaluate(
-    settings: Settings, runs: list[tuple[str, Catalog]], labelled: list[Any]
+    settings: Settings,
+    runs: list[tuple[str, Catalog]],
+    labelled: list[Any],
+    *,
+    every_analysis: bool = False,
 ) -> dict[str, list[Any]]:
     """Each catalog's answers on ``labelled``, with one engine, a progress bar on a terminal.
 
@@ -349,7 +378,7 @@ async def _evaluate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from goflow_gpu.engines import create_engine
-    from goflow_gpu.evaluation.runner import run_catalog
+    from goflow_gpu.evaluation.runner import pairs_to_ask, run_catalog
 
     console = Console(stderr=True)
     engine = create_engine(settings)
@@ -368,9 +397,7 @@ async def _evaluate(
             ) as progress,
         ):
             for name, catalog in runs:
-                total = sum(
-                    1 for item in labelled for slug in item.expected if slug in catalog.specs
-                )
+                total = len(pairs_to_ask(catalog, labelled, every_analysis=every_analysis))
                 task = progress.add_task(name, total=total)
                 reset = getattr(engine, "reset_caches", None)
                 if reset is not None:
@@ -383,6 +410,7 @@ async def _evaluate(
                     min_pixels=settings.min_pixels,
                     max_pixels=settings.max_pixels,
                     on_answer=functools.partial(_advance, progress, task),
+                    every_analysis=every_analysis,
                 )
     finally:
         await engine.close()
@@ -401,8 +429,9 @@ def _print_scores(scored: list[Any], comparison: Any) -> None:
     """One table per run, analyses as rows (the reports hold every figure)."""
     for run in scored:
         table = Table(title=run.name, title_justify="left")
-        for column in ("analysis", "answers", "schema-valid", "QA pass", "agreement", "box P/R",
-                       "tokens in/out", "s/answer"):  # fmt: skip
+        for column in ("analysis", "answers", "schema-valid", "QA pass", "repaired",
+                       "consistent", "agreement", "box P/R", "tokens in/out",
+                       "s/answer"):  # fmt: skip
             table.add_column(column, no_wrap=True)
         for slug, row in run.summary.items():
             boxes = (
@@ -418,6 +447,8 @@ def _print_scores(scored: list[Any], comparison: Any) -> None:
                 str(row.answers),
                 _percent(row.schema_valid_rate),
                 _percent(row.qa_pass_rate),
+                _percent(row.repaired_rate),
+                _percent(row.consistent_rate),
                 "-" if row.field_agreement is None else f"{row.field_agreement:.3f}",
                 boxes,
                 tokens,
@@ -432,3 +463,254 @@ def _print_scores(scored: list[Any], comparison: Any) -> None:
                 f"regression: {item.slug} {item.metric} {item.baseline:.3f} -> "
                 f"{item.candidate:.3f} ({item.delta:+.3f})"
             )
+
+
+# --- budget, reference, lock -------------------------------------------------------------------
+
+
+def _project_root() -> Path | None:
+    """The source checkout the shipped catalog lives in (with docs/), or ``None`` (a wheel)."""
+    from goflow_gpu.prompts.catalog import shipped_catalog_dir
+
+    root = shipped_catalog_dir().resolve().parent
+    return root if (root / "pyproject.toml").is_file() and (root / "docs").is_dir() else None
+
+
+@app.command("budget")
+def budget(
+    directory: DirOpt = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            "--tokenizer",
+            help="A local model folder whose tokenizer counts the tokens, e.g. "
+            "/models/Qwen2.5-VL-7B-Instruct. Default: settings' model when it is such a folder, "
+            "else the tiny test model's tokenizer (built on first use; a conservative count).",
+            show_default=False,
+        ),
+    ] = None,
+    show: Annotated[
+        str | None,
+        typer.Option(
+            "--show", help="Also print the worst-case answer of this slug.", show_default=False
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Check each spec's token budget against the longest answer its JSON schema allows.
+
+    The worst case fills every property, every array to maxItems and every string to maxLength
+    with dense Latin-script sample text (OCR-like: capitals, digits, punctuation), takes the
+    costliest enum value, integer bound and anyOf branch, renders it as the compact JSON vLLM's
+    structured decoding writes, and counts it with the tokenizer, plus the end-of-turn token.
+    Text in other scripts can need more tokens: such an answer is cut off and re-asked with
+    qa.retry_max_tokens.
+
+    A spec is REFUSED when sampling.max_tokens is below its worst case, when
+    qa.retry_max_tokens is below max_tokens, or when its schema has no bound (a string without
+    maxLength, an array without maxItems). Numbers without multipleOf have no token bound: they
+    count 12 tokens each, with a warning. Exit code 0, 2 when any spec is refused, 1 when the
+    catalog does not load.
+    """
+    from goflow_gpu.prompts.budget import (
+        check_specs,
+        default_tokenizer_dir,
+        load_tokenizer,
+        render_json,
+    )
+
+    catalog = _load(directory)
+    try:
+        if tokenizer is not None:
+            folder, label = tokenizer, f"{tokenizer}"
+        else:
+            folder, label = default_tokenizer_dir(_configured_model(config))
+        counter = load_tokenizer(folder, label)
+    except GoFlowError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    budgets = check_specs(catalog.specs.values(), counter.count)
+    typer.echo(f"tokenizer: {counter.label}")
+    table = Table(title=f"token budgets: {catalog.source}", title_justify="left")
+    for column in ("slug", "worst case", "max_tokens", "headroom", "retry", "verdict"):
+        numeric = column not in ("slug", "verdict")
+        table.add_column(column, no_wrap=True, justify="right" if numeric else "left")
+    for item in budgets:
+        verdict = "REFUSED" if item.refused else ("ok, warnings" if item.warnings else "ok")
+        table.add_row(
+            item.slug,
+            "-" if item.worst_case is None else str(item.worst_case),
+            str(item.max_tokens),
+            "-" if item.headroom is None else f"{item.headroom:+d}",
+            "-" if item.retry_max_tokens is None else str(item.retry_max_tokens),
+            verdict,
+        )
+    Console(width=120).print(table)
+    for item in budgets:
+        for line in item.errors:
+            typer.echo(f"{item.slug}: {line}")
+        for line in item.warnings:
+            typer.echo(f"warning: {item.slug}: {line}")
+    for item in budgets:
+        if item.slug == show:
+            typer.echo(f"--- worst-case answer of {item.slug} ---\n{render_json(item.answer)}")
+    refused = [item.slug for item in budgets if item.refused]
+    typer.echo(f"{len(budgets)} spec(s), {len(refused)} refused")
+    if refused:
+        raise typer.Exit(2)
+
+
+def _configured_model(config: Path | None) -> str | None:
+    """Settings' model (flags, env, YAML), or ``None`` when the settings do not load."""
+    from goflow_gpu.settings import load_settings
+
+    try:
+        return load_settings(config).model
+    except GoFlowError:
+        if config is not None:
+            raise
+        return None
+
+
+@app.command("reference")
+def reference(
+    directory: DirOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Where to write the markdown. Default: docs/ANALYSES.md of the source checkout.",
+            show_default=False,
+        ),
+    ] = None,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Write nothing; exit 1 when the file is not current."),
+    ] = False,
+) -> None:
+    """Generate the customer-facing reference of the analysis types (docs/ANALYSES.md).
+
+    One section per spec: name, slug, version, description and a table of the fields of its
+    final analysisResult in result order, with JSON type, source (model, computed, pixels,
+    log-probabilities, worker) and meaning. Meanings come from the specs: each json_schema
+    property's description, each qa.computed / qa.logprob_confidence entry's description, the
+    pixel fact registry. A field without a description is an error (all are listed, exit 1).
+    CI checks the checked-in file is current (--check).
+    """
+    from goflow_gpu.prompts.reference import ReferenceError, render_reference
+
+    catalog = _load(directory)
+    target = out if out is not None else _default_doc("ANALYSES.md")
+    try:
+        text = render_reference(catalog)
+    except ReferenceError as exc:
+        _fail(exc.problems, f"{len(exc.problems)} problem(s): the reference was not written")
+    if check:
+        _check_current(target, text, "goflow-gpu prompts reference")
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    typer.echo(f"wrote {target} ({len(catalog.specs)} analysis types)")
+
+
+def _default_doc(name: str) -> Path:
+    root = _project_root()
+    if root is None:
+        typer.echo(f"error: not in a source checkout: pass the path of {name} with --out", err=True)
+        raise typer.Exit(2)
+    return root / "docs" / name
+
+
+def _check_current(target: Path, text: str, command: str) -> None:
+    """Exit 1 with a diff summary when ``target`` does not hold ``text``."""
+    import difflib
+
+    current = target.read_text(encoding="utf-8") if target.is_file() else ""
+    if current == text:
+        typer.echo(f"{target} is current")
+        return
+    diff = list(
+        difflib.unified_diff(
+            current.splitlines(), text.splitlines(), str(target), "generated", lineterm="", n=0
+        )
+    )
+    removed = sum(1 for line in diff if line.startswith("-") and not line.startswith("---"))
+    added = sum(1 for line in diff if line.startswith("+") and not line.startswith("+++"))
+    state = "missing" if not target.is_file() else f"{removed} line(s) out, {added} line(s) in"
+    typer.echo(f"{target} is not current ({state}); run `{command}`", err=True)
+    for line in diff[:40]:
+        typer.echo(line, err=True)
+    if len(diff) > 40:
+        typer.echo(f"... {len(diff) - 40} more diff line(s)", err=True)
+    raise typer.Exit(1)
+
+
+@app.command("lock")
+def lock(
+    directory: DirOpt = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Write nothing; exit 1 when the lock is not current.")
+    ] = False,
+    changelog: Annotated[
+        Path | None,
+        typer.Option(
+            "--changelog",
+            help="The changelog that must have an entry per (slug, version). Default: "
+            "docs/ANALYSES-CHANGELOG.md of the source checkout for the shipped catalog; none "
+            "for another --dir.",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Rewrite even where content changed under the same version. Only for a "
+            "version that has never shipped.",
+        ),
+    ] = False,
+) -> None:
+    """Record each spec's version and content hash in the catalog's _catalog.lock.
+
+    The hash covers everything of a spec that shapes results: the prompts (with the shared
+    system prompt), json_schema (its descriptions too: they go to the engine), qa rules,
+    sampling and variant; not the name, the spec's description or the descriptions of computed
+    fields and confidences. REFUSED (exit 1, nothing written) when a spec's content changed but
+    its version did not, or a version went down: raise `version` and add an entry for it to the
+    changelog. Also refused when the changelog lacks an entry for a spec's current version.
+    """
+    from goflow_gpu.prompts.lock import (
+        LOCK_FILE,
+        LockError,
+        check_lock,
+        missing_changelog_entries,
+        read_lock,
+        update_lock,
+    )
+
+    catalog = _load(directory)
+    if changelog is None and directory is None and _project_root() is not None:
+        changelog = _default_doc("ANALYSES-CHANGELOG.md")
+    path = catalog.source / LOCK_FILE
+    try:
+        missing = missing_changelog_entries(catalog, changelog) if changelog else []
+        if check:
+            state = check_lock(catalog, read_lock(path))
+            problems = [*state.refused, *missing]
+            problems += [f"{slug}: not as locked" for slug in state.changed]
+        else:
+            if missing:
+                raise LockError(missing)
+            state = update_lock(catalog, path, force=force)
+            problems = []
+    except LockError as exc:
+        _fail(exc.problems, f"{len(exc.problems)} problem(s): {path} was not written")
+    if problems:
+        _fail(problems, f"{path} is not current; run `goflow-gpu prompts lock`")
+    if check:
+        typer.echo(f"{path} is current ({len(state.entries)} specs)")
+    elif state.changed:
+        typer.echo(f"wrote {path}: {', '.join(state.changed)} updated")
+    else:
+        typer.echo(f"{path} is current ({len(state.entries)} specs)")

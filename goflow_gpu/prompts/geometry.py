@@ -23,6 +23,8 @@ MAX_PIXELS = 28 * 28 * 1280
 MAX_ASPECT_RATIO = 200
 #: The key the backend reads a box under: ``{x, y, width, height}`` in original pixels.
 WIRE_BOX_KEY = "bounding_box"
+WIRE_POINT_KEY = "point"
+WIRE_POINTS_KEY = "points"
 
 
 def smart_resize(
@@ -77,6 +79,20 @@ def to_wire_box(
     the original image.
     """
     return _scale_box(corners, model_size, original_size, "model")
+
+
+def to_wire_point(
+    point: Sequence[float], model_size: tuple[int, int], original_size: tuple[int, int]
+) -> dict[str, int]:
+    """A model-space point ``[x, y]`` (Qwen2.5-VL's ``point_2d``) -> the wire's ``{x, y}`` in
+    the original image's pixels: clamped to the model image, scaled, rounded half up, and kept
+    inside the original image (a point on the far edge lands on its last pixel)."""
+    (from_w, from_h), (to_w, to_h) = model_size, original_size
+    if min(from_w, from_h, to_w, to_h) <= 0:
+        raise ValueError(f"image sizes must be positive, got {model_size} and {original_size}")
+    x = _scaled(min(max(point[0], 0), from_w), from_w, to_w)
+    y = _scaled(min(max(point[1], 0), from_h), from_h, to_h)
+    return {"x": min(x, to_w - 1), "y": min(y, to_h - 1)}
 
 
 def to_model_corners(

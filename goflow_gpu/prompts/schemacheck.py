@@ -85,7 +85,8 @@ def schema_warnings(schema: dict[str, Any]) -> list[tuple[PathKey, str]]:
                 warnings.append((path, f"{where}: properties not in required: {missing}"))
             if node.get("additionalProperties") is not False:
                 warnings.append((path, f"{where}: object without additionalProperties: false"))
-        elif kind is None:
+        elif kind is None and not any(node.get(k) for k in ("anyOf", "oneOf")):
+            # A union is typed by its branches, which are walked (and warned about) themselves.
             warnings.append((path, f"{where}: no type (anything goes)"))
     return warnings
 
