@@ -1,10 +1,7 @@
 """The ``goflow-gpu`` command line. Thin: parse, configure, call one entry point.
 
-Exit codes: 0 ok (or drained on SIGTERM); 1 a job was skipped or parked as needs-attention;
-2 bad configuration or usage (a broken prompt catalog included); 3 the backend refused the API
-key; 4 the local state cannot be used; 5 the inference engine failed (dead or not loadable; state
-kept, a restart resumes); 75 (EX_TEMPFAIL, ``run``) the backend or an image host stayed down past
-``outage_patience``: try again later, the state is kept.
+Exit codes: :data:`goflow_gpu.errors.EXIT_CODES` (printed at the end of ``--help``); a fatal
+error is mapped to its code by :func:`goflow_gpu.errors.exit_code` in :func:`_errors`.
 """
 
 from __future__ import annotations
@@ -13,35 +10,31 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
-from goflow_gpu import progress
+from goflow_gpu import logs, progress
 from goflow_gpu.bench.cli import register as register_bench
+from goflow_gpu.config_cli import app as config_app
 from goflow_gpu.doctor import register as register_doctor
 from goflow_gpu.engines.cli import dev_app
-from goflow_gpu.errors import (
-    AuthenticationError,
-    ConfigError,
-    EngineError,
-    GoFlowError,
-    StateError,
-)
+from goflow_gpu.errors import EXIT_CODES, ConfigError, GoFlowError, exit_code
 from goflow_gpu.events import Events
 from goflow_gpu.logs import setup_logging
 from goflow_gpu.prompts.cli import app as prompts_app
 from goflow_gpu.settings import Settings, load_settings
 from goflow_gpu.simulator.cli import register as register_simulate
+from goflow_gpu.state_cli import state_app
 
-if TYPE_CHECKING:
-    from goflow_gpu.store import JobRow, Store
+#: The exit-code table as --help prints it (``\b``: Click keeps the lines as they are).
+EXIT_CODES_HELP = "\b\nExit codes (every command):\n" + "\n".join(
+    f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES
+)
 
 app = typer.Typer(
     name="goflow-gpu",
@@ -57,6 +50,7 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=EXIT_CODES_HELP,
 )
 
 
@@ -80,19 +74,82 @@ def _main(
             "--version", callback=_version, is_eager=True, help="Print the version and exit."
         ),
     ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Log warnings and errors only.")
+    ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Log debug lines, and the libraries' lines (vLLM, torch, ...) on stderr too "
+            "instead of in the log file a terminal run writes them to.",
+        ),
+    ] = False,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            help="debug | info | warning | error; wins over -q/-v and GOFLOW_LOG_LEVEL.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """GPU worker for GoFlow media analysis (see the commands below)."""
+    """GPU worker for GoFlow media analysis (see the commands below).
+
+    Sets up the one log pipeline before any command runs, so that whatever is logged before
+    the command reads its settings (and a fatal error) already takes its final form: the level
+    from the flags, else GOFLOW_LOG_LEVEL; the format from GOFLOW_LOG_FORMAT or the command's
+    own --log-format. The command sets it up again once its settings are read; the flags keep
+    winning (:func:`goflow_gpu.logs.set_cli_options`).
+    """
+    if quiet and verbose:
+        _usage_line("-q/--quiet and -v/--verbose contradict each other: pass one")
+    level = log_level or ("warning" if quiet else "debug" if verbose else None)
+    try:
+        logs.set_cli_options(level=level, verbose=verbose)
+    except ConfigError as exc:
+        _usage_line(str(exc))
+    log_format = _early_log_format()
+    try:
+        logs.setup_logging(
+            log_format,
+            os.environ.get("GOFLOW_LOG_LEVEL") or "info",
+            level_source="GOFLOW_LOG_LEVEL",
+        )
+    except ConfigError as exc:
+        logs.setup_logging(log_format, "info")  # so that the error line takes the chosen form
+        _fatal_line("configuration error", str(exc), 2)
+        raise typer.Exit(2) from None
 
 
-state_app = typer.Typer(
-    help=(
-        "Inspect the local state (jobs, progress, rejected manifests); retry or abandon jobs "
-        "parked as needs-attention."
-    )
-)
+def _early_log_format() -> str:
+    """The log format before the command reads its settings: its --log-format when given (read
+    off the command line: the group's callback runs before the command parses it), else
+    GOFLOW_LOG_FORMAT, else auto. A bad value is left for the command to refuse."""
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg == "--log-format" and i + 1 < len(args):
+            value = args[i + 1]
+            break
+        if arg.startswith("--log-format="):
+            value = arg.split("=", 1)[1]
+            break
+    else:
+        value = os.environ.get("GOFLOW_LOG_FORMAT", "auto")
+    return value if value.strip().lower() in logs.FORMATS else "auto"
+
+
+def _usage_line(message: str) -> NoReturn:
+    """A usage error as one plain line on stderr, exit 2 (Click's own would print a usage
+    block and a box around it)."""
+    _fatal_line("usage error", message, 2)
+    raise typer.Exit(2)
+
+
 app.add_typer(state_app, name="state")
 app.add_typer(prompts_app, name="prompts")
 app.add_typer(dev_app, name="dev")
+app.add_typer(config_app, name="config")
 register_simulate(app)
 register_doctor(app)
 register_bench(app)
@@ -100,74 +157,121 @@ register_bench(app)
 out = Console()
 err = Console(stderr=True)
 
+
+def _setting_flag(name: str, help_text: str, *, shown_default: str | None = None) -> Any:
+    """A flag that sets the setting ``name``: its help shows the default from :class:`Settings`
+    (``shown_default`` words a default that is no value, such as "off") and names the variable
+    ``GOFLOW_<NAME>``. The flag's own default stays ``None``, "not given", so that an absent
+    flag never hides the environment or the YAML file; hence the default is written into the
+    help rather than given to Typer."""
+    if shown_default is None:
+        shown_default = str(Settings.model_fields[name].default)
+    return typer.Option(
+        help=f"{help_text} [default: {shown_default}; env GOFLOW_{name.upper()}]",
+        show_default=False,
+    )
+
+
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML settings file (see configs/).", exists=False),
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML settings file (see configs/); flags and GOFLOW_* variables override it.",
+        exists=False,
+    ),
 ]
-BaseUrlOpt = Annotated[
-    str | None, typer.Option(help="GoFlow backend URL [env GOFLOW_BASE_URL].", show_default=False)
-]
+BaseUrlOpt = Annotated[str | None, _setting_flag("base_url", "GoFlow backend URL.")]
 StateDirOpt = Annotated[
-    Path | None,
-    typer.Option(help="Where jobs, results and images are kept [env GOFLOW_STATE_DIR]."),
+    Path | None, _setting_flag("state_dir", "Where jobs, results and images are kept.")
 ]
+#: demo's --engine: its default is the best engine installed here, not the setting's.
 EngineOpt = Annotated[
     str | None, typer.Option(help="vllm | transformers | openai [env GOFLOW_ENGINE].")
 ]
+WorkerEngineOpt = Annotated[str | None, _setting_flag("engine", "vllm | transformers | openai.")]
 ModelOpt = Annotated[
-    str | None, typer.Option(help="Model id in the HF cache, or a local dir [env GOFLOW_MODEL].")
+    str | None,
+    _setting_flag(
+        "model",
+        "Qwen2.5-VL weights: a Hugging Face id (from the HF cache) or a local directory; "
+        "checked before anything is loaded (exit 2 when it cannot be used).",
+    ),
 ]
 MetricsPortOpt = Annotated[
     int | None,
-    typer.Option(
-        help="Serve /metrics, /healthz and /readyz on this port [env GOFLOW_METRICS_PORT]."
+    _setting_flag(
+        "metrics_port", "Serve /metrics, /healthz and /readyz on this port.", shown_default="off"
     ),
 ]
 PromptsDirOpt = Annotated[
     Path | None,
-    typer.Option(
-        help="Prompt catalog folder; checked before any job is taken [env GOFLOW_PROMPTS_DIR].",
-        show_default=False,
+    _setting_flag(
+        "prompts_dir",
+        "Prompt catalog folder; checked before any job is taken.",
+        shown_default="the shipped catalog",
     ),
 ]
 LogFormatOpt = Annotated[
     str | None,
-    typer.Option(help="auto (JSON unless on a terminal) | json | console [env GOFLOW_LOG_FORMAT]."),
+    _setting_flag("log_format", "auto (JSON unless on a terminal) | json | console."),
 ]
+
+#: What serve and run print under their options: where the key comes from, and the exit codes.
+WORKER_EPILOG = (
+    "The API key is read from the environment variable GOFLOW_API_KEY only (no flag, no config "
+    "file). Every other setting: flag > GOFLOW_<NAME> > --config YAML > default.\n\n"
+    + EXIT_CODES_HELP
+)
 
 
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
-    """Map the error tree to exit codes with one clear line, never a stack trace."""
+    """Map the error tree to exit codes (:func:`goflow_gpu.errors.exit_code`) with one line.
+
+    Never a stack trace, never wrapped: off a terminal the line is plain text (a log collector
+    or ``2> file`` gets it whole), on a terminal the kind is in colour; in JSON mode it is one
+    JSON object like every other line of stderr. The message is redacted and its control
+    characters escaped like any log line.
+    """
     try:
         yield
-    except ConfigError as exc:
-        err.print(f"[bold red]configuration error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-    except AuthenticationError as exc:
-        err.print(
-            f"[bold red]authentication failed:[/] {exc}. Check GOFLOW_API_KEY; state is kept "
-            "and the job resumes on the next start.",
-            highlight=False,
-        )
-        raise typer.Exit(3) from None
-    except StateError as exc:
-        err.print(f"[bold red]state error:[/] {exc}", highlight=False)
-        raise typer.Exit(4) from None
-    except EngineError as exc:
-        err.print(
-            f"[bold red]engine failed:[/] {exc}. State is kept; a restart resumes the job.",
-            highlight=False,
-        )
-        raise typer.Exit(5) from None
     except GoFlowError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        code = exit_code(exc)
+        kind, hint = _FATAL.get(code, ("error", ""))
+        _fatal_line(kind, f"{exc}{hint}", code)
+        raise typer.Exit(code) from None
+
+
+#: How a fatal error of each exit code is introduced, and what the operator can do about it.
+_FATAL: dict[int, tuple[str, str]] = {
+    2: ("configuration error", ""),
+    3: (
+        "authentication failed",
+        ". Check GOFLOW_API_KEY; state is kept and the job resumes on the next start.",
+    ),
+    4: ("state error", ""),
+    5: ("engine failed", ". State is kept; a restart resumes the job."),
+}
+
+
+def _fatal_line(kind: str, message: str, code: int) -> None:
+    """Write the one line of a fatal error (see :func:`_errors`)."""
+    text = logs.sanitize(logs.redact(message))
+    if logs.active_format() == "json":
+        logs.get_logger(__name__).error("fatal error", kind=kind, message=text, exit_code=code)
+        return
+    sys.stdout.flush()
+    if err.is_terminal:
+        err.print(f"[bold red]{kind}:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    else:
+        sys.stderr.write(f"{kind}: {text}\n")
+        sys.stderr.flush()
 
 
 def _settings(config: Path | None, **flags: Any) -> Settings:
     settings = load_settings(config, **flags)
-    setup_logging(settings.log_format, settings.log_level)
+    setup_logging(settings.log_format, settings.log_level, log_dir=settings.state_dir)
     return settings
 
 
@@ -182,7 +286,8 @@ def _work(burst: bool, config: Path | None, **flags: Any) -> None:
             if progress.wanted(err, settings.log_format):
                 events.subscribe(stack.enter_context(progress.JobProgress(err)))
             result = asyncio.run(run_worker(settings, burst=burst, events=events))
-    err.print(
+    # The command's output (stdout), not a log line: stderr may have to hold only JSON.
+    out.print(
         f"{'drained' if result.drained else 'done'}: "
         f"{result.closed}/{result.job_runs} job runs closed, "
         f"{result.skipped} skipped, {result.parked} parked, {result.unfinished} unfinished",
@@ -191,17 +296,39 @@ def _work(burst: bool, config: Path | None, **flags: Any) -> None:
     raise typer.Exit(result.exit_code)
 
 
-@app.command()
-def serve(
-    config: ConfigOpt = None,
-    base_url: BaseUrlOpt = None,
-    state_dir: StateDirOpt = None,
-    engine: EngineOpt = None,
-    model: ModelOpt = None,
-    log_format: LogFormatOpt = None,
-    metrics_port: MetricsPortOpt = None,
-    prompts_dir: PromptsDirOpt = None,
-) -> None:
+WorkerCommand = Callable[[Path | None, dict[str, Any]], None]
+
+
+def _worker_options(command: WorkerCommand) -> Callable[..., None]:
+    """Give a worker command (serve, run) the one option set both share.
+
+    ``command`` is called with ``--config`` and the other flags as a dict of setting name to
+    value (``None``: not given). Each flag but --config is the :class:`Settings` field of the
+    same name, which is how the dict is read off the signature below.
+    """
+
+    def with_options(
+        config: ConfigOpt = None,
+        base_url: BaseUrlOpt = None,
+        state_dir: StateDirOpt = None,
+        engine: WorkerEngineOpt = None,
+        model: ModelOpt = None,
+        log_format: LogFormatOpt = None,
+        metrics_port: MetricsPortOpt = None,
+        prompts_dir: PromptsDirOpt = None,
+    ) -> None:
+        given = locals()
+        command(config, {name: given[name] for name in given if name in Settings.model_fields})
+
+    # Typer names the command and takes its help from the function it is given.
+    with_options.__name__ = command.__name__
+    with_options.__doc__ = command.__doc__
+    return with_options
+
+
+@app.command(epilog=WORKER_EPILOG)
+@_worker_options
+def serve(config: Path | None, flags: dict[str, Any]) -> None:
     """Run the worker forever: resume unfinished jobs, then poll next-job (with backoff).
 
     SIGTERM or Ctrl-C stops polling and new inference, gives in-flight requests
@@ -209,263 +336,20 @@ def serve(
     and exits 0; the next start resumes the job where it stopped. Backend and image-host
     outages are waited out (never a lost result); /readyz says what it waits for.
     """
-    _work(
-        False,
-        config,
-        base_url=base_url,
-        state_dir=state_dir,
-        engine=engine,
-        model=model,
-        log_format=log_format,
-        metrics_port=metrics_port,
-        prompts_dir=prompts_dir,
-    )
+    _work(False, config, **flags)
 
 
-@app.command()
-def run(
-    config: ConfigOpt = None,
-    base_url: BaseUrlOpt = None,
-    state_dir: StateDirOpt = None,
-    engine: EngineOpt = None,
-    model: ModelOpt = None,
-    log_format: LogFormatOpt = None,
-    metrics_port: MetricsPortOpt = None,
-    prompts_dir: PromptsDirOpt = None,
-) -> None:
+@app.command(epilog=WORKER_EPILOG)
+@_worker_options
+def run(config: Path | None, flags: dict[str, Any]) -> None:
     """Burst mode: process jobs until next-job says there is none, then exit.
 
     Exit 0 when every job closed; 1 when a job had to be skipped (invalid manifest, kept in
     the state for inspection) or was parked (a status/report PUT refused: `state show`); 75
     (try again later) when the backend or an image host stayed down past outage_patience
-    (GOFLOW_OUTAGE_PATIENCE, 600 s), state kept; 3 when the key is refused; 5 when the engine
-    failed.
+    (GOFLOW_OUTAGE_PATIENCE, 600 s), state kept.
     """
-    _work(
-        True,
-        config,
-        base_url=base_url,
-        state_dir=state_dir,
-        engine=engine,
-        model=model,
-        log_format=log_format,
-        metrics_port=metrics_port,
-        prompts_dir=prompts_dir,
-    )
-
-
-ProjectArg = Annotated[
-    str,
-    typer.Argument(
-        help="Project id of the job (a UUID; any case), as listed by `goflow-gpu state show`.",
-        show_default=False,
-    ),
-]
-
-
-def _utc(ts: float | None) -> str:
-    """A stored epoch time as a UTC ISO time (``?`` when missing)."""
-    if ts is None:
-        return "?"
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
-
-
-def _say(text: str) -> None:
-    """A line of command output as it is: no markup, no highlighting, never wrapped (reasons
-    come from the backend and must be copied whole)."""
-    out.print(text, markup=False, highlight=False, soft_wrap=True)
-
-
-def _usage_error(message: str) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-@contextlib.contextmanager
-def _existing_store(config: Path | None, state_dir: Path | None) -> Iterator[tuple[Path, Store]]:
-    """Open the state of an existing state directory; never create an empty database.
-
-    Yields the state directory and the open store (which holds the directory lock). Exit 2
-    when ``state.db`` does not exist; the usual exit codes for bad settings (2) and for a state
-    that cannot be used or is locked by a running worker (4).
-    """
-    from goflow_gpu.store import DB_NAME, Store
-
-    with _errors():
-        settings = load_settings(config, state_dir=state_dir)
-        directory = settings.state_dir.expanduser().resolve()
-        db = directory / DB_NAME
-        if not db.is_file():
-            _usage_error(
-                f"no state database at {db} (none was created): pass --state-dir or --config "
-                "naming the worker's state directory"
-            )
-        with Store.open(directory) as store:
-            yield directory, store
-
-
-def _find_job(store: Store, directory: Path, project: str) -> JobRow:
-    """The stored job with this id (any case), or exit 2 naming the state dir searched."""
-    job = store.job(project.strip())
-    if job is None:
-        _usage_error(
-            f"no job {project} in the state at {directory}; "
-            "`goflow-gpu state show` lists the stored jobs"
-        )
-    return job
-
-
-def _closed_text(job: JobRow) -> str:
-    reason = f": {job.closed_reason}" if job.closed_reason else ""
-    return f"job {job.project_id} is closed (since {_utc(job.closed_at)}){reason}"
-
-
-@state_app.command("show")
-def state_show(
-    config: ConfigOpt = None,
-    state_dir: StateDirOpt = None,
-) -> None:
-    """List the jobs in the local state with their progress (combinations by state).
-
-    A job shown as `needs-attention` is parked: the backend refused one of its status or
-    report PUTs, so the worker does not resume it by itself. Under the table each parked job is
-    listed with the full reason and since when (UTC); fix the cause, then run
-    `goflow-gpu state retry PROJECT`, or give it up with `goflow-gpu state abandon PROJECT`.
-    Jobs closed without their report (abandoned) are listed with why.
-
-    Exit 2 when the state directory holds no state database (none is created).
-    """
-    with _existing_store(config, state_dir) as (directory, store):
-        table = Table(title=f"jobs in {directory}")
-        for column in ("project", "name", "state", "combos", "by state", "statuses", "report"):
-            table.add_column(column)
-        jobs = store.jobs()
-        for job in jobs:
-            counts = store.counts(job.project_id)
-            project = job.manifest.get("project", {})
-            table.add_row(
-                job.project_id,
-                str(project.get("name", "?")),
-                "needs-attention" if job.parked else job.state,
-                str(sum(counts.values())),
-                ", ".join(f"{k} {v}" for k, v in counts.items() if v),
-                f"processing:{job.status_processing} completed:{job.status_completed}",
-                job.report,
-            )
-        out.print(table)
-        parked = [job for job in jobs if job.parked]
-        if parked:
-            _say(
-                f"{len(parked)} job(s) need attention (not resumed until "
-                "`goflow-gpu state retry PROJECT` or `goflow-gpu state abandon PROJECT`):"
-            )
-            for job in parked:
-                _say(
-                    f"  {job.project_id} needs attention since {_utc(job.attention_at)}: "
-                    f"{job.attention}"
-                )
-        abandoned = [job for job in jobs if job.state == "closed" and job.closed_reason]
-        if abandoned:
-            _say(f"{len(abandoned)} job(s) closed without their report:")
-            for job in abandoned:
-                _say(f"  {job.project_id} closed {_utc(job.closed_at)}: {job.closed_reason}")
-        rejected = store.rejected_manifests()
-        if rejected:
-            out.print(f"{len(rejected)} rejected manifest(s) kept for inspection")
-
-
-@state_app.command("retry")
-def state_retry(
-    project: ProjectArg,
-    config: ConfigOpt = None,
-    state_dir: StateDirOpt = None,
-) -> None:
-    """Re-arm a job parked as needs-attention, so the next `goflow-gpu run`/`serve` resumes it.
-
-    A job is parked when the backend refused one of its status or report PUTs. Once the cause
-    is fixed (see the reason in `goflow-gpu state show`), retry clears the mark: the next start
-    resumes the job and re-sends the refused PUT. Nothing is sent now.
-
-    Exit 2, changing nothing, for an unknown project id, a closed job, or an open job that is
-    not parked (it resumes by itself). Run it while no worker uses the state directory (exit 4
-    otherwise).
-    """
-    with _existing_store(config, state_dir) as (directory, store):
-        job = _find_job(store, directory, project)
-        if job.state != "open":
-            _usage_error(f"{_closed_text(job)}; there is nothing to retry")
-        if not job.parked:
-            _usage_error(
-                f"job {job.project_id} is open and not parked: nothing to retry; "
-                "the next `goflow-gpu run`/`serve` resumes it by itself"
-            )
-        store.rearm_job(job.project_id)
-        _say(
-            f"job {job.project_id} re-armed: the next `goflow-gpu run`/`serve` resumes it; "
-            "it re-sends the refused PUT"
-        )
-        _say(f"  it was parked since {_utc(job.attention_at)}: {job.attention}")
-
-
-@state_app.command("abandon")
-def state_abandon(
-    project: ProjectArg,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
-    reason: Annotated[
-        str | None,
-        typer.Option(help="Why, kept in the state as the job's closed reason.", show_default=False),
-    ] = None,
-    config: ConfigOpt = None,
-    state_dir: StateDirOpt = None,
-) -> None:
-    """Close an open job locally, without sending anything to the backend.
-
-    For a parked job that cannot be fixed, or a job the backend no longer wants. The job is
-    marked closed with the reason "abandoned by operator: ..." and is never resumed; results
-    already reported stay reported, the others are never sent, and no status or report PUT is
-    sent (the backend's view of the project is left as it is). Asks for confirmation unless
-    --yes; without a terminal, pass --yes.
-
-    Exit 2, changing nothing, for an unknown project id, a job already closed, or no
-    confirmation; exit 1 when the confirmation is declined.
-    """
-    with _existing_store(config, state_dir) as (directory, store):
-        job = _find_job(store, directory, project)
-        if job.state != "open":
-            _usage_error(f"{_closed_text(job)}; there is nothing to abandon")
-        counts = store.counts(job.project_id)
-    summary = ", ".join(f"{k} {v}" for k, v in counts.items())
-    if not yes:
-        parked = f" (needs attention: {job.attention})" if job.parked else ""
-        _say(f"job {job.project_id}{parked}: combinations {summary}")
-        try:
-            confirmed = typer.confirm(
-                f"Abandon job {job.project_id}? It is closed locally and never resumed; "
-                "nothing is sent to the backend"
-            )
-        except typer.Abort:
-            _usage_error(
-                "no confirmation (no terminal or input, or interrupted): nothing changed; "
-                "pass --yes to abandon without a prompt"
-            )
-        if not confirmed:
-            out.print(f"job {job.project_id} not abandoned: nothing changed", highlight=False)
-            raise typer.Exit(1)
-    why = reason.strip() if reason and reason.strip() else "`goflow-gpu state abandon`"
-    if job.parked:
-        why += f" (it was parked: {job.attention})"
-    # Re-open: the lock is not held while waiting for the answer, so check the job again.
-    with _existing_store(config, state_dir) as (directory, store):
-        job = _find_job(store, directory, project)
-        if job.state != "open":
-            _usage_error(f"{_closed_text(job)}; there is nothing to abandon")
-        store.close_job(job.project_id, reason=f"abandoned by operator: {why}")
-        counts = store.counts(job.project_id)
-    _say(
-        f"job {job.project_id} abandoned: closed locally, it is never resumed. Nothing was "
-        "sent to the backend."
-    )
-    _say("combinations: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    _work(True, config, **flags)
 
 
 @app.command()
@@ -507,13 +391,22 @@ def demo(
 def main() -> None:
     """Console-script entry point.
 
-    vLLM logs to stdout unless told otherwise (``VLLM_LOGGING_STREAM``), which put its lines in
-    the middle of command output (``demo`` and ``prompts eval`` tables, ``--json`` output).
-    Every command sends them to stderr, with the other logs, the engine-core processes included
-    (they inherit the environment); an operator's own setting wins.
+    vLLM installs its own log handler when it is imported, on stdout by default, which put its
+    lines in the middle of command output and plain text in a JSON log. ``VLLM_CONFIGURE_LOGGING
+    =0`` keeps it from doing so: its records then go through the one pipeline (:mod:`logs`), the
+    engine-core processes' included (they inherit the environment). Should an operator turn
+    vLLM's handler back on, ``VLLM_LOGGING_STREAM`` still keeps it off stdout. An operator's
+    own values win. What reaches file descriptor 2 outside :mod:`logging` (C++ warnings, the
+    engine-core processes' output, libraries' progress bars) is turned into log records too
+    (:class:`goflow_gpu.logs.StderrCapture`), so stderr holds only the pipeline's lines.
     """
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    capture = logs.StderrCapture()
+    capture.start()
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        capture.stop()

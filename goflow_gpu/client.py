@@ -462,7 +462,7 @@ class GoFlowClient:
             _log_failure(error, fields)
             raise
         assert isinstance(outcome, _Answer)  # exceptions always raise in _map_outcome
-        log.info("api call", status=outcome.status, **fields)
+        log.debug("api call", status=outcome.status, **fields)  # INFO: failures only
         return payload, outcome.status
 
 
@@ -480,7 +480,7 @@ async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
 def _log_failure(error: ApiError, fields: dict[str, Any]) -> None:
     fields = {**fields, "status": error.status}
     if isinstance(error, NoJobAvailable):
-        log.info("api call", **fields)  # the normal idle answer, not a failure
+        log.debug("api call", **fields)  # the normal idle answer, not a failure
         return
     if isinstance(error, TransientError):
         fields["reason"] = error.cause

@@ -24,9 +24,8 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from goflow_gpu import progress
+from goflow_gpu import logs, progress
 from goflow_gpu.events import Events
-from goflow_gpu.logs import setup_logging
 from goflow_gpu.settings import Settings, load_settings
 from goflow_gpu.simulator import Simulator
 
@@ -108,8 +107,6 @@ def run_demo(
     # A made-up key shared by the in-process simulator and worker only.
     key = "demo-" + secrets.token_hex(12)
     os.environ["GOFLOW_API_KEY"] = key
-    # vLLM's own INFO lines would bury the progress bar and the summary.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     return asyncio.run(_demo(media, analyses, engine, model, config, workdir, key, console))
 
 
@@ -135,7 +132,10 @@ async def _demo(
             base_url=sim.base_url,
             state_dir=workdir / "state",
         )
-        setup_logging(settings.log_format, settings.log_level)
+        # Warnings and errors only (-v or --log-level show more): the screen keeps the bars and
+        # the summary. On a terminal the libraries' lines (vLLM, torch, ...) go to a file in the
+        # state directory, named in the summary.
+        logs.setup_logging(settings.log_format, settings.log_level, log_dir=settings.state_dir)
         total = len(manifest["media"]) * len(manifest["analyses"])
         if random_weights:
             console.print(
@@ -193,6 +193,9 @@ def _summary(
     table.add_row("statuses", ", ".join(sim.ledger.statuses.get(project_id, [])))
     table.add_row("report", str(report_path))
     table.add_row("simulator ledger", str(ledger_path))
+    library_log = logs.library_log()
+    if library_log is not None:  # on a terminal: vLLM's, torch's, ... lines (-v shows them)
+        table.add_row("library log", str(library_log))
     table.add_row("wall time", f"{elapsed:.1f} s")
     table.add_row(
         "exactly-once check", "ok" if not problems else f"[red]{len(problems)} problem(s)[/]"

@@ -5,9 +5,11 @@ and a detail a person can act on. The doctor never takes a job (no next-job call
 and not processed would sit assigned to this worker), never opens the state database (a running
 worker holds its lock) and never prints the API key or any part of it.
 
-Checks, in order: configuration, API key, backend reachability (``GoFlowClient.ping``: a GET on
-the base URL, without the key), engine library, GPU visibility, model availability (local
-directory or Hugging Face cache, no network), state directory writability, prompt catalog.
+Checks, in order: configuration, API key (present, never "ok": the API has no side-effect-free
+call to verify it), backend reachability (``GoFlowClient.ping``: a GET on the base URL, without
+the key), engine library, GPU visibility, model availability (a Qwen2.5-VL in a local directory
+or the Hugging Face cache, no network), state directory writability, prompt catalog. The model
+check is also what :func:`goflow_gpu.engines.create_engine` runs before loading anything.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -33,7 +36,12 @@ from goflow_gpu.errors import ConfigError, GoFlowError
 from goflow_gpu.logs import redact, register_secret, setup_logging
 from goflow_gpu.settings import Settings, load_settings
 
-__all__ = ["Check", "register", "render_checks", "run_doctor"]
+__all__ = ["KEY_NOT_VERIFIED", "Check", "model_check", "register", "render_checks", "run_doctor"]
+
+#: The api key's verdict: set, but the contract offers no side-effect-free call to check it.
+KEY_NOT_VERIFIED = "present (not verified)"
+#: config.json's model_type of the one model family the engines and the prompts are made for.
+QWEN_MODEL_TYPE = "qwen2_5_vl"
 
 _NVIDIA_SMI_TIMEOUT = 15.0
 _LOW_DISK_BYTES = 2 * 1024**3
@@ -42,11 +50,16 @@ _GIB = 1024**3
 
 @dataclass(frozen=True)
 class Check:
-    """One line of the doctor's table. ``ok``: True passed, False failed, None warning/skipped."""
+    """One line of the doctor's table. ``ok``: True passed, False failed, None warning/skipped.
+
+    ``verdict`` replaces the table's word (ok, FAIL, warn) where that word would claim more than
+    was checked: a key that is set is "present (not verified)", never "ok".
+    """
 
     name: str
     ok: bool | None
     detail: str
+    verdict: str | None = None
 
 
 def run_doctor(settings: Settings, *, check_backend: bool = True) -> list[Check]:
@@ -64,11 +77,11 @@ def run_doctor(settings: Settings, *, check_backend: bool = True) -> list[Check]
         _backend_check(settings) if check_backend else Check("backend", None, "skipped"),
         _engine_check(settings),
         _gpu_check(settings),
-        _model_check(settings),
+        model_check(settings),
         _state_dir_check(settings.state_dir),
         _prompts_check(settings),
     ]
-    return [Check(c.name, c.ok, redact(c.detail)) for c in checks]
+    return [Check(c.name, c.ok, redact(c.detail), c.verdict) for c in checks]
 
 
 # -- the checks ---------------------------------------------------------------------------------
@@ -88,10 +101,17 @@ def _key_check(settings: Settings) -> Check:
         return Check("api key", False, "GOFLOW_API_KEY is not set: export the agent API key in it")
     if not settings.api_key.get_secret_value().strip():
         return Check("api key", False, "GOFLOW_API_KEY is set but blank")
-    # Presence only: whether the backend accepts it shows on the first API call.
-    # Present is all that can be said: the contract has no call that checks a key without
-    # taking a job (next-job would assign one), so doctor never claims the key is valid.
-    return Check("api key", True, "GOFLOW_API_KEY is present (not verified; value not shown)")
+    # Present is all that can be said: the contract (goflow-api.md) has no authenticated call
+    # without a side effect. next-job would assign a job to this node; status and report PUTs
+    # write. So the verdict says "present (not verified)", never "ok"; a wrong key shows as
+    # exit 3 on the first call of run/serve.
+    return Check(
+        "api key",
+        True,
+        "GOFLOW_API_KEY is present (not verified: the API has no call that checks a key "
+        "without taking a job; value not shown)",
+        verdict=KEY_NOT_VERIFIED,
+    )
 
 
 def _backend_check(settings: Settings) -> Check:
@@ -233,7 +253,16 @@ def _hub_cache_dirs() -> list[Path]:
     return list(dict.fromkeys(dirs))
 
 
-def _model_check(settings: Settings) -> Check:
+def model_check(settings: Settings) -> Check:
+    """Whether ``settings.model`` can be loaded here, from files only (no network, no import).
+
+    Fails for a local path that does not exist, a directory without config.json or whose
+    config is not a Qwen2.5-VL, missing weight files (unless ``load_format=dummy``), and a Hub
+    id that is not in the HF cache while ``HF_HUB_OFFLINE`` is set. A Hub id not cached on a
+    node that may download it is a warning. :func:`goflow_gpu.engines.create_engine` runs this
+    same check before it imports or loads anything, so a bad ``--model`` stops a start at once
+    with this message.
+    """
     name = "model"
     model = settings.model
     if settings.engine == "openai":
@@ -245,17 +274,28 @@ def _model_check(settings: Settings) -> Check:
         return _weights_verdict(name, path, f"local directory {path}", settings)
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") != 1
     if looks_like_path:
-        return Check(name, False, f"{model}: no such directory, and not a Hub id (org/name)")
+        return Check(
+            name,
+            False,
+            f"model {model}: no such directory ({path.absolute()}), and not a Hub id (org/name)",
+        )
     org, repo = model.split("/")
     looked = _hub_cache_dirs()
+    unreadable: list[str] = []
     for hub in looked:
         snapshots = hub / f"models--{org}--{repo}" / "snapshots"
-        candidates = sorted(snapshots.glob("*/config.json")) if snapshots.is_dir() else []
+        try:
+            candidates = sorted(snapshots.glob("*/config.json")) if snapshots.is_dir() else []
+        except OSError as exc:  # a cache of another user: say so, do not crash the start
+            unreadable.append(f"{hub} ({exc.strerror or exc})")
+            continue
         if candidates:
             return _weights_verdict(
                 name, candidates[-1].parent, f"{model} in the HF cache ({hub})", settings
             )
     where = ", ".join(str(d) for d in looked)
+    if unreadable:
+        where += "; could not read " + ", ".join(unreadable)
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return Check(
             name,
@@ -271,7 +311,26 @@ def _model_check(settings: Settings) -> Check:
     )
 
 
+def _model_type_problem(directory: Path, where: str) -> str | None:
+    """Why config.json does not describe a Qwen2.5-VL (``None`` when it does)."""
+    config = directory / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{where}: {config} cannot be read as JSON: {exc}"
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if model_type != QWEN_MODEL_TYPE:
+        return (
+            f"{where} is not a Qwen2.5-VL (config.json model_type {model_type!r}, expected "
+            f"{QWEN_MODEL_TYPE!r}): the engines and the prompt catalog are made for Qwen2.5-VL"
+        )
+    return None
+
+
 def _weights_verdict(name: str, directory: Path, where: str, settings: Settings) -> Check:
+    problem = _model_type_problem(directory, where)
+    if problem is not None:
+        return Check(name, False, problem)
     weights = [p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin")]
     if settings.load_format == "dummy":
         return Check(name, True, f"{where}; load_format=dummy, weights not needed")
@@ -326,6 +385,7 @@ def render_checks(checks: list[Check], console: Console) -> Table:
     table.add_column("detail", overflow="fold")
     for check in checks:
         word, style = _VERDICTS[check.ok]
+        word = check.verdict or word
         # Text, not markup: details quote paths and server messages that may hold brackets.
         table.add_row(Text(check.name), Text(word, style=style), Text(check.detail))
     console.print(table)

@@ -153,3 +153,30 @@ class StateError(GoFlowError):
 def is_retryable(exc: BaseException) -> bool:
     """The one predicate that decides whether a failed backend call may be tried again."""
     return isinstance(exc, TransientError)
+
+
+# The exit codes of every command, in one place: ``cli._errors()`` maps the error tree to them,
+# the worker returns 1 and 75 itself, and ``--help`` prints this table. (code, meaning) pairs.
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (0, "ok (or drained on SIGTERM)"),
+    (1, "a job was skipped or parked as needs-attention; any other error"),
+    (2, "bad configuration or usage (a broken prompt catalog, a model that cannot be used)"),
+    (3, "the backend refused the API key (GOFLOW_API_KEY)"),
+    (4, "the local state cannot be used (corrupt, locked, unwritable)"),
+    (5, "the inference engine failed while running; state kept, a restart resumes"),
+    (75, "run: the backend or an image host stayed down past outage_patience; try again later"),
+    (130, "interrupted (Ctrl-C)"),
+)
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code (see :data:`EXIT_CODES`) of a command that stops on ``exc``."""
+    for kind, code in (
+        (ConfigError, 2),
+        (AuthenticationError, 3),
+        (StateError, 4),
+        (EngineError, 5),
+    ):
+        if isinstance(exc, kind):
+            return code
+    return 1

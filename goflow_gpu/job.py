@@ -72,7 +72,7 @@ from goflow_gpu.protocol import (
 )
 from goflow_gpu.reporting import build_report
 from goflow_gpu.retry import sleep_unless_stopped
-from goflow_gpu.store import TERMINAL_STATES, ComboKey, ComboRow, Store
+from goflow_gpu.store import TERMINAL_STATES, ComboKey, ComboRow, Outcomes, Store
 
 log = get_logger(__name__)
 
@@ -122,6 +122,11 @@ class JobOutcome:
     seconds: float
     parked: bool = False  # a status/report PUT was refused: the job needs attention
     waited_out: bool = False  # a service stayed down past the patience: try again later
+
+    @classmethod
+    def of(cls, project_id: str, counts: Outcomes, seconds: float, *, closed: bool) -> JobOutcome:
+        """The outcome of a run that ended with these counts (the store's one count)."""
+        return cls(project_id, closed, counts.total, counts.completed, counts.failed, seconds)
 
 
 class JobParked(GoFlowError):
@@ -387,7 +392,7 @@ class JobRunner:
         groups: dict[tuple[str, str], list[ComboRow]] = {}
         media_order = {m.id: i for i, m in enumerate(self.manifest.media)}
         for row in sorted(pending, key=lambda r: media_order.get(r.key.media_id, 0)):
-            groups.setdefault((row.key.media_id, row.variant), []).append(row)
+            groups.setdefault((row.key.media_id, row.plan.variant), []).append(row)
         downloads = {
             key: asyncio.create_task(self._fetch(*key), name=f"fetch-{key[0][:8]}-{key[1]}")
             for key in groups
@@ -481,7 +486,7 @@ class JobRunner:
             row,
             status="failed",
             result={"error": "media_unavailable", "reasons": [reason]},
-            user_prompt=row.user_prompt,
+            user_prompt=row.plan.user_prompt,
             seconds=0.0,
         )
         await self.store.run(self.store.record_attempt, row.key, [reason])
@@ -560,31 +565,31 @@ class JobRunner:
 
     async def _infer_one(self, row: ComboRow) -> None:
         image = await self.store.run(
-            self.store.media, self.project_id, row.key.media_id, row.variant
+            self.store.media, self.project_id, row.key.media_id, row.plan.variant
         )
         if image is None or image.path is None or image.width is None or image.height is None:
             raise StateError(f"image of {row.key} vanished from the cache")
         original = (image.width, image.height)
         rendered = RenderedPrompt(
-            slug=row.slug,
-            version=row.spec_version,
-            variant=row.variant,
-            system_prompt=row.system_prompt,
-            user_prompt=row.user_prompt,
-            json_schema=row.json_schema,
-            max_tokens=row.max_tokens,
-            temperature=row.temperature,
+            slug=row.plan.slug,
+            version=row.plan.spec_version,
+            variant=row.plan.variant,
+            system_prompt=row.plan.system_prompt,
+            user_prompt=row.plan.user_prompt,
+            json_schema=row.plan.json_schema,
+            max_tokens=row.plan.max_tokens,
+            temperature=row.plan.temperature,
         )
-        rules = QARules.model_validate(row.qa_rules)
+        rules = QARules.model_validate(row.plan.qa_rules)
         facts: dict[str, Any] | None = None
-        max_tokens = row.max_tokens
+        max_tokens = row.plan.max_tokens
         # A resumed combination whose tries were all spent before a crash keeps its last reasons;
         # one with tries left is re-asked with them, as it would have been without the stop.
         last = row.reasons[-1] if row.reasons else ["no attempt was made"]
         verdict = QAVerdict(passed=False, result=None, reasons=list(last))
-        user_prompt = row.user_prompt
+        user_prompt = row.plan.user_prompt
         if row.attempts and row.reasons:
-            user_prompt = retry_user_prompt(row.user_prompt, row.reasons[-1])
+            user_prompt = retry_user_prompt(row.plan.user_prompt, row.reasons[-1])
         attempts_left = self.options.qa_retries + 1 - row.attempts
         started = time.monotonic()
         totals = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
@@ -592,17 +597,17 @@ class JobRunner:
         asked = False
         while attempts_left > 0:
             if asked and self.stopping.is_set():
-                log.info("draining: QA re-ask left for the next start", attempts=row.attempts)
+                log.debug("draining: QA re-ask left for the next start", attempts=row.attempts)
                 return  # stays pending with its attempts recorded
             asked = True
             request = InferenceRequest(
                 request_id=f"{row.key.media_id}:{row.key.analysis_id}:{row.attempts + 1}",
                 image_path=image.path,
-                system_prompt=row.system_prompt,
+                system_prompt=row.plan.system_prompt,
                 user_prompt=user_prompt,
-                json_schema=row.json_schema,
-                sampling=Sampling(max_tokens=max_tokens, temperature=row.temperature),
-                group_key=(row.key.media_id, row.variant),
+                json_schema=row.plan.json_schema,
+                sampling=Sampling(max_tokens=max_tokens, temperature=row.plan.temperature),
+                group_key=(row.key.media_id, row.plan.variant),
                 logprobs=bool(rules.logprob_confidence),
             )
             result = await self._ask(request, row)
@@ -636,7 +641,7 @@ class JobRunner:
             except Exception as exc:  # one odd answer must not stop the job
                 # Deterministic decoding would give the same answer after a restart: a crash
                 # here would repeat forever. The answer fails QA with the reason instead.
-                log.exception("qa could not check an answer", slug=row.slug)
+                log.exception("qa could not check an answer", slug=row.plan.slug)
                 verdict = QAVerdict(
                     passed=False, result=None, reasons=[f"qa error: {type(exc).__name__}"]
                 )
@@ -655,18 +660,18 @@ class JobRunner:
                 self.store.record_attempt, row.key, verdict.reasons, metrics=None
             )
             row.attempts = attempts
-            log.info("qa failed", attempt=attempts, reasons=verdict.reasons[:5])
+            log.debug("qa failed", attempt=attempts, reasons=verdict.reasons[:5])
             if attempts_left > 0:
-                user_prompt = retry_user_prompt(row.user_prompt, verdict.reasons)
+                user_prompt = retry_user_prompt(row.plan.user_prompt, verdict.reasons)
                 if result.finish_reason == "length":
                     # Cut off at the budget: the same budget would cut it off again.
-                    max_tokens = max(max_tokens, rules.retry_max_tokens or 2 * row.max_tokens)
+                    max_tokens = max(max_tokens, rules.retry_max_tokens or 2 * row.plan.max_tokens)
         seconds = time.monotonic() - started
         metrics: dict[str, Any] = {"inference_seconds": seconds, **totals}
         if verdict.passed and verdict.result is not None:
             body = self._body(row, "completed", verdict.result, user_prompt, seconds)
             await self.store.run(self.store.mark_ready, row.key, body, "completed", metrics=metrics)
-            log.info("analysis passed qa", slug=row.slug, seconds=round(seconds, 3))
+            log.debug("analysis passed qa", slug=row.plan.slug, seconds=round(seconds, 3))
         else:
             failure = {
                 "error": "qa_failed",
@@ -676,7 +681,7 @@ class JobRunner:
             }
             body = self._body(row, "failed", failure, user_prompt, seconds)
             await self.store.run(self.store.mark_ready, row.key, body, "failed", metrics=metrics)
-            log.warning("analysis failed qa", slug=row.slug, reasons=verdict.reasons[:5])
+            log.warning("analysis failed qa", slug=row.plan.slug, reasons=verdict.reasons[:5])
         await self._report_q.put(row.key)
 
     async def _pixel_facts(self, path: Path, rules: QARules) -> dict[str, Any]:
@@ -706,7 +711,7 @@ class JobRunner:
         await self.store.run(
             self.store.mark_ready, row.key, body, "failed", metrics={"inference_seconds": seconds}
         )
-        log.error("engine failed this request every time", slug=row.slug, error=error[:500])
+        log.error("engine failed this request every time", slug=row.plan.slug, error=error[:500])
 
     def _body(
         self,
@@ -721,7 +726,7 @@ class JobRunner:
         return ResultBody(
             model_used=self.engine.model_label,
             user_prompt_used=user_prompt,
-            system_prompt_used=row.system_prompt,
+            system_prompt_used=row.plan.system_prompt,
             status=status,
             analysis_result=payload,
         ).wire()
@@ -773,7 +778,7 @@ class JobRunner:
         try:
             code = await self._backend.call(one_round, what="POST result")
         except Stopped:
-            log.info("draining: result left for the next start", slug=row.slug)
+            log.debug("draining: result left for the next start", slug=row.plan.slug)
             return  # stays ``posting``: a duplicate answer next time means it landed
         except AuthenticationError:
             raise
@@ -782,7 +787,7 @@ class JobRunner:
             return
         await self.store.run(self.store.mark_reported, key, code)
         self._posted(row, code, "accepted")
-        log.info("result reported", slug=row.slug, status=row.result_status, http_status=code)
+        log.debug("result reported", slug=row.plan.slug, status=row.result_status, http_status=code)
 
     async def _settle_result(self, row: ComboRow, exc: ApiError, *, prior_unknown: bool) -> None:
         """A result POST got a definite answer that is not a success (see answers.TABLE)."""
@@ -792,7 +797,7 @@ class JobRunner:
         if status is None:
             # The client refused to send it (an unencodable body): nothing can fix that.
             await self.store.run(self.store.mark_rejected, key, None, detail)
-            log.error("result refused before sending", slug=row.slug, detail=detail)
+            log.error("result refused before sending", slug=row.plan.slug, detail=detail)
             self._posted(row, None, "rejected")
             return
         decision = decide("result", status, exc.detail_text, prior_unknown=prior_unknown)
@@ -800,11 +805,11 @@ class JobRunner:
             await self.store.run(
                 self.store.mark_reported, key, status, f"duplicate after unknown outcome: {detail}"
             )
-            log.info("result already accepted earlier", slug=row.slug, http_status=status)
+            log.debug("result already accepted earlier", slug=row.plan.slug, http_status=status)
             self._posted(row, status, "duplicate")
             return
         await self.store.run(self.store.mark_rejected, key, status, detail)
-        log.error("result refused", slug=row.slug, http_status=status, detail=detail)
+        log.error("result refused", slug=row.plan.slug, http_status=status, detail=detail)
         self._posted(row, status, "rejected")
 
     def _posted(self, row: ComboRow, http_status: int | None, outcome: str) -> None:
@@ -834,47 +839,46 @@ class JobRunner:
 
     async def _finish(self, started: float) -> JobOutcome:
         rows = self.store.combos(self.project_id)
-        completed = sum(1 for r in rows if r.state == "reported" and r.result_status == "completed")
-        left = [r for r in rows if r.state not in TERMINAL_STATES]
+        counts = Outcomes.of_rows(rows)
         seconds = time.monotonic() - started
-        if left:
-            return self._paused(rows, completed, len(left), seconds)
+        if counts.left:
+            return self._paused(counts, seconds)
         if self.stopping.is_set():
             # Bounded drain: completed and the report (up to a minute with retries) wait for
             # the next start, which finds every combination settled and sends them first.
-            return self._paused(rows, completed, 0, seconds)
+            return self._paused(counts, seconds)
         try:
             await self._ensure_status("completed")
             await self._send_report(rows)
         except Stopped:
-            return self._paused(rows, completed, 0, seconds)
+            return self._paused(counts, seconds)
         self.store.close_job(self.project_id)
         if not self.options.keep_media:
             # The job is done: its cached images only take disk space from now on.
             await asyncio.to_thread(self.fetcher.forget, self.project_id)
-        failed = len(rows) - completed
         log.info(
             "job completed",
-            combinations=len(rows),
-            completed=completed,
-            failed=failed,
+            combinations=counts.total,
+            completed=counts.completed,
+            failed=counts.failed,
             seconds=round(seconds, 2),
-            per_second=round(len(rows) / seconds, 2) if seconds > 0 else None,
+            per_second=round(counts.total / seconds, 2) if seconds > 0 else None,
         )
-        self.events.emit(
-            "job_finished", self.project_id, closed=True, completed=completed, failed=failed
-        )
-        return JobOutcome(self.project_id, True, len(rows), completed, failed, seconds)
+        return self._ended(counts, seconds, closed=True)
 
-    def _paused(
-        self, rows: list[ComboRow], completed: int, left: int, seconds: float
-    ) -> JobOutcome:
-        log.info("job paused", left=left)
-        failed = len(rows) - completed - left
+    def _paused(self, counts: Outcomes, seconds: float) -> JobOutcome:
+        log.info("job paused", left=counts.left)
+        return self._ended(counts, seconds, closed=False)
+
+    def _ended(self, counts: Outcomes, seconds: float, *, closed: bool) -> JobOutcome:
         self.events.emit(
-            "job_finished", self.project_id, closed=False, completed=completed, failed=failed
+            "job_finished",
+            self.project_id,
+            closed=closed,
+            completed=counts.completed,
+            failed=counts.failed,
         )
-        return JobOutcome(self.project_id, False, len(rows), completed, failed, seconds)
+        return JobOutcome.of(self.project_id, counts, seconds, closed=closed)
 
     async def _send_report(self, rows: list[ComboRow]) -> None:
         job = self.store.job(self.project_id)

@@ -2,6 +2,7 @@
 
 One bar set per job: media fetched, combinations inferred (final verdicts), passed QA, and
 reported. Quiet when the output is not a terminal or logs are JSON: machines read the logs.
+The bars appear with the first job, after the engine has loaded.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ class JobProgress:
         self._tasks: dict[str, TaskID] = {}
         self._project: str | None = None
         self._media: set[str] = set()
+        self._started = False
 
     def __enter__(self) -> JobProgress:
-        self.progress.start()
         return self
 
     def __exit__(
@@ -51,9 +52,16 @@ class JobProgress:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.progress.stop()
+        if self._started:
+            self.progress.stop()
 
     def _new_job(self, event: Event) -> None:
+        if not self._started:
+            # Drawn from the first job on, not while the engine loads: the display redirects
+            # sys.stderr, and a library imported meanwhile (torch) would put its own handler on
+            # that redirect, past the log pipeline and onto the screen.
+            self.progress.start()
+            self._started = True
         for task in self._tasks.values():
             self.progress.remove_task(task)
         total = int(event.data.get("combinations", 0))

@@ -13,7 +13,7 @@ from typing import Any
 
 from goflow_gpu.prompts.qa import WARNINGS_KEY
 from goflow_gpu.protocol import Manifest, Report, ReportBody, ReportDetails
-from goflow_gpu.store import ComboRow
+from goflow_gpu.store import ComboRow, Outcomes
 
 # Result keys whose list items name things found in the image (object-detection, tags, ...).
 _NAMED_LISTS = (
@@ -66,7 +66,7 @@ def key_findings(rows: Sequence[ComboRow]) -> tuple[str, dict[str, Any]]:
             continue
         result = _result(row)
         names.update(_names(result))
-        if row.slug == "text-recognition" or "text" in row.slug:
+        if row.plan.slug == "text-recognition" or "text" in row.plan.slug:
             texts.update(_texts(result))
     top_names = names.most_common(10)
     top_texts = [t for t, _ in texts.most_common(5)]
@@ -89,11 +89,6 @@ def _result(row: ComboRow) -> dict[str, Any]:
     return result if isinstance(result, dict) else {}
 
 
-def _passed(row: ComboRow) -> bool:
-    """A combination the backend holds as completed (every other one counts as failed)."""
-    return row.result_status == "completed" and row.state == "reported"
-
-
 def qa_retries_of(row: ComboRow) -> int:
     """QA re-asks made for one combination: every failed attempt was followed by a re-ask,
     except the last one of a combination that never passed (its tries ran out).
@@ -111,10 +106,15 @@ def build_report(
     wall_seconds: float,
     model: str,
 ) -> ReportBody:
-    """The report body for a job whose combinations are all terminal and reported."""
-    total = len(rows)
-    completed = [r for r in rows if _passed(r)]
-    failed = [r for r in rows if not _passed(r)]
+    """The report body for a job whose combinations are all terminal and reported.
+
+    Completed and failed are the store's one count (:class:`~goflow_gpu.store.Outcomes`,
+    :attr:`ComboRow.passed`): the same figures as the job's end and the worker's summary.
+    """
+    counts = Outcomes.of_rows(rows)
+    total = counts.total
+    completed = [r for r in rows if r.passed]
+    failed = [r for r in rows if r.outcome == "failed"]
     # One pass over the rows (a 10,000-image job has 250,000 of them): per analysis id.
     per_id: dict[str, dict[str, Any]] = {
         a.id: {
@@ -132,12 +132,12 @@ def build_report(
         stats = per_id.get(row.key.analysis_id)
         if stats is None:
             continue
-        passed = _passed(row)
+        passed = row.passed
         stats["completed" if passed else "failed"] += 1
         stats["retries"] += qa_retries_of(row)
         stats["retried_then_passed"] += passed and row.attempts > 0
         stats["repaired"] += passed and bool(_result(row).get(WARNINGS_KEY))
-        stats["versions"].add(row.spec_version)
+        stats["versions"].add(row.plan.spec_version)
         if row.inference_seconds is not None:
             stats["seconds"].append(row.inference_seconds)
     per_analysis: dict[str, dict[str, Any]] = {}
@@ -160,7 +160,7 @@ def build_report(
     failures = [
         {
             "media_id": r.key.media_id,
-            "analysis": r.slug,
+            "analysis": r.plan.slug,
             "state": r.state,
             "http_status": r.http_status,
             "reasons": (r.reasons[-1] if r.reasons else [])[:5],
@@ -176,16 +176,16 @@ def build_report(
         "generated": sum(r.generated_tokens or 0 for r in rows),
     }
     minutes = wall_seconds / 60
-    success_rate = len(completed) / total if total else 0.0
+    success_rate = counts.completed / total if total else 0.0
     summary = (
-        f"{manifest.project.name}: {len(completed)} of {total} media x analysis combinations "
+        f"{manifest.project.name}: {counts.completed} of {total} media x analysis combinations "
         f"completed ({success_rate:.0%}) over {len(manifest.media)} media and "
         f"{len(manifest.analyses)} analysis types in {minutes:.1f} min with {model}. "
-        f"{len(failed)} failed. {findings}."
+        f"{counts.failed} failed. {findings}."
     )
     details = ReportDetails(
         total_media_processed=len(media_done),
-        total_analyses_completed=len(completed),
+        total_analyses_completed=counts.completed,
         processing_time_minutes=round(minutes, 3),
         success_rate=round(success_rate, 4),
         analysis_types_completed=sorted(
@@ -193,7 +193,7 @@ def build_report(
         ),
         key_findings=findings,
         total_combinations=total,
-        total_failed=len(failed),
+        total_failed=counts.failed,
         model=model,
         throughput_per_minute=round(total / minutes, 2) if minutes > 0 else None,
         per_analysis=per_analysis,

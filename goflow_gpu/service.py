@@ -85,6 +85,10 @@ async def run_worker(
     """
     api_key = settings.require_api_key()
     register_secret(api_key.get_secret_value())
+    # Built, not loaded (engines import their libraries in start()), and first: a model that
+    # cannot be loaded stops the start in milliseconds with the doctor's message, before the
+    # catalog is read and before any state is opened or created.
+    engine = engine if engine is not None else create_engine(settings)
     try:
         # Before anything is taken from the backend: a job must never meet a broken catalog.
         catalog = load_catalog(settings.prompts_dir)
@@ -104,7 +108,6 @@ async def run_worker(
     store = Store.open(settings.state_dir)
     readiness.state_open = True
     try:
-        engine = engine if engine is not None else create_engine(settings)
         async with GoFlowClient(
             settings.base_url,
             api_key,
@@ -123,9 +126,12 @@ async def run_worker(
                 stopping=stop,
             )
             log.info("loading engine", engine=engine.name, model=settings.model)
-            await engine.start()
-            readiness.engine_loaded = True
             try:
+                # Inside the try: an engine that fails to start may hold a session or a
+                # process already, and must be closed too (else asyncio reports an unclosed
+                # session after the fatal error line).
+                await engine.start()
+                readiness.engine_loaded = True
                 worker = Worker(
                     store=store,
                     client=client,

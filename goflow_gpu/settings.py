@@ -3,6 +3,21 @@
 The API key is only ever read from ``GOFLOW_API_KEY``: a YAML file or a CLI flag carrying it is
 refused, so that it never lands in a config file or a shell history. It is a ``SecretStr``; its
 repr is masked, and nothing in goflow-gpu logs or stores it.
+
+**What is configuration** (pydantic-settings does the work): the fields with their types, bounds
+and defaults; the order of the layers (:meth:`Settings.settings_customise_sources`: init kwargs,
+which are the CLI flags, then ``EnvSettingsSource`` with the ``GOFLOW_`` prefix, then
+``YamlConfigSettingsSource``); unknown keys refused by ``extra="forbid"``.
+
+**What logic remains, and why:** the YAML source is subclassed (:class:`_YamlFile`) because the
+library skips a missing file silently and lets a YAML error or a list at the top level through
+as a raw exception; ours names the file, refuses ``api_key`` in it, and is told which file to
+read through a context variable (the library reads a file fixed in ``model_config``, and the
+file is a per-call argument here). :func:`check_environment` refuses mistyped ``GOFLOW_*``
+variables (pydantic-settings ignores them: a typo of ``GOFLOW_BASE_URL`` would send the worker to
+production). :func:`load_settings` turns validation errors into one line per setting with a
+"did you mean". :func:`value_sources` re-reads the same sources to say where each value came
+from (``goflow-gpu config show``). The URL checks are the project's security rules.
 """
 
 from __future__ import annotations
@@ -20,9 +35,10 @@ import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
-    InitSettingsSource,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    YamlConfigSettingsSource,
 )
 
 from goflow_gpu.errors import ConfigError
@@ -30,8 +46,9 @@ from goflow_gpu.errors import ConfigError
 PRODUCTION_BASE_URL = "https://goflow-backend.yellowsand-8784ae26.uksouth.azurecontainerapps.io"
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 
-# The YAML layer for the Settings being built; a context variable so concurrent loads don't mix.
-_YAML_LAYER: ContextVar[dict[str, Any]] = ContextVar("goflow_yaml_layer", default={})  # noqa: B039
+# The YAML file of the Settings being built (None: no file); a context variable so that
+# concurrent loads don't mix.
+_YAML_FILE: ContextVar[Path | None] = ContextVar("goflow_yaml_file", default=None)
 
 EngineName = Literal["vllm", "transformers", "openai"]
 LogFormat = Literal["auto", "json", "console"]
@@ -189,11 +206,11 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (
-            init_settings,
-            env_settings,
-            InitSettingsSource(settings_cls, init_kwargs=_YAML_LAYER.get()),
-        )
+        # No .env files and no secrets directory: the key comes from GOFLOW_API_KEY only.
+        yaml_file = _YAML_FILE.get()
+        if yaml_file is None:
+            return (init_settings, env_settings)
+        return (init_settings, env_settings, _YamlFile(settings_cls, yaml_file))
 
     def require_api_key(self) -> SecretStr:
         """The key, or a :class:`ConfigError` that says how to provide it."""
@@ -202,12 +219,34 @@ class Settings(BaseSettings):
         return self.api_key
 
 
+class _YamlFile(YamlConfigSettingsSource):
+    """pydantic-settings' YAML source, strict about the one file it is given.
+
+    The library reads only files that exist and passes parse errors through raw; a mistyped
+    ``--config`` path must be an error that names it, never a silent fall back to defaults.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        self.path = path.expanduser()
+        super().__init__(settings_cls, yaml_file=self.path)
+
+    @staticmethod
+    def _existing_files(files: Any) -> list[Any]:
+        # Unlike the library, keep a missing file: _read_file reports it with its name.
+        return [Path(files)] if files is not None else []
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        return read_yaml_config(Path(file_path))
+
+
 def read_yaml_config(path: Path) -> dict[str, Any]:
     """Read a YAML config file into a dict, with errors that name the file."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
@@ -217,6 +256,12 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
     if any(str(k).lower() in ("api_key", "goflow_api_key") for k in data):
         raise ConfigError(f"{path}: api_key must not be in a config file; use GOFLOW_API_KEY")
     return {str(k): v for k, v in data.items()}
+
+
+def _did_you_mean(name: str) -> str:
+    """`` (did you mean X?)`` for the closest setting name, or nothing."""
+    close = difflib.get_close_matches(name.lower(), sorted(Settings.model_fields), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 #: GOFLOW_* variables that are not settings: the key, and the live tests' backend URL.
@@ -253,14 +298,13 @@ def check_environment(settings: Settings, environ: Mapping[str, str] | None = No
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings: ``overrides`` (CLI flags, ``None`` = not given) > env > YAML > defaults.
 
-    Raises :class:`ConfigError` with one line per bad setting.
+    Raises :class:`ConfigError` with one line per bad setting, naming the config file.
     """
     if "api_key" in overrides:
         raise ConfigError("the API key is read from GOFLOW_API_KEY only")
-    yaml_data = read_yaml_config(config) if config is not None else {}
     flags = {k: v for k, v in overrides.items() if v is not None}
     source = f" (config {config})" if config is not None else ""
-    token = _YAML_LAYER.set(yaml_data)
+    token = _YAML_FILE.set(config)
     try:
         settings = Settings(**flags)
     except ValidationError as exc:
@@ -269,10 +313,35 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             name = ".".join(str(p) for p in err["loc"]) or "settings"
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
-                msg = "unknown setting"
+                msg = "unknown setting" + _did_you_mean(name)
             lines.append(f"{name}: {msg}")
         raise ConfigError(f"invalid settings{source}: " + "; ".join(lines)) from None
     finally:
-        _YAML_LAYER.reset(token)
+        _YAML_FILE.reset(token)
     check_environment(settings)
     return settings
+
+
+def value_sources(config: Path | None = None, **overrides: Any) -> dict[str, str]:
+    """Where each setting's value comes from: ``flag``, ``env GOFLOW_X``, ``file PATH`` or
+    ``default``, in the precedence :func:`load_settings` applies.
+
+    Asks the same pydantic-settings sources the settings were built from, so the answer cannot
+    drift from the merge. Call it after :func:`load_settings` succeeded (that validates).
+    """
+    flags = {k for k, v in overrides.items() if v is not None}
+    from_env = EnvSettingsSource(Settings)()
+    from_file = _YamlFile(Settings, config)() if config is not None else {}
+    env_names = {name.upper(): name for name in os.environ}
+    sources = {}
+    for name in Settings.model_fields:
+        variable = f"GOFLOW_{name.upper()}"
+        if name in flags:
+            sources[name] = "flag"
+        elif name in from_env:
+            sources[name] = f"env {env_names.get(variable, variable)}"
+        elif name in from_file:
+            sources[name] = f"file {config}"
+        else:
+            sources[name] = "default"
+    return sources

@@ -85,6 +85,7 @@ import re
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,22 +237,26 @@ class PlannedCombo:
     qa_rules: dict[str, Any] = field(default_factory=dict)
 
 
+def outcome_of(state: str, result_status: str | None) -> str:
+    """Where a combination stands for the job's figures: ``completed`` (the backend holds a
+    completed result), ``failed`` (settled otherwise: QA or the engine gave up, or the backend
+    refused the result) or ``left`` (not settled yet). The one definition behind every count
+    of completed and failed combinations (:class:`Outcomes`)."""
+    if state not in TERMINAL_STATES:
+        return "left"
+    return "completed" if state == "reported" and result_status == "completed" else "failed"
+
+
 @dataclass
 class ComboRow:
-    """One stored combination (see the state machine in the module docstring)."""
+    """One stored combination: its plan, frozen at job creation, and what happened to it since
+    (see the state machine in the module docstring)."""
 
     key: ComboKey
-    slug: str
-    variant: str
+    plan: PlannedCombo
     state: str
     attempts: int
     reasons: list[list[str]]  # one list of reasons per attempt
-    system_prompt: str
-    user_prompt: str
-    json_schema: dict[str, Any]
-    spec_version: int
-    max_tokens: int
-    temperature: float
     body: dict[str, Any] | None
     result_status: str | None
     post_attempts: int
@@ -261,7 +266,44 @@ class ComboRow:
     prompt_tokens: int | None
     cached_tokens: int | None
     generated_tokens: int | None
-    qa_rules: dict[str, Any] = field(default_factory=dict)  # frozen at job creation
+
+    @property
+    def outcome(self) -> str:
+        """``completed``, ``failed`` or ``left``: see :func:`outcome_of`."""
+        return outcome_of(self.state, self.result_status)
+
+    @property
+    def passed(self) -> bool:
+        """The backend holds a completed result for this combination."""
+        return self.outcome == "completed"
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """How many of a job's combinations completed, failed, or are left: the one count used by
+    the job's end, the worker's summary and the final report."""
+
+    completed: int = 0
+    failed: int = 0
+    left: int = 0
+
+    @property
+    def total(self) -> int:
+        """Every combination counted."""
+        return self.completed + self.failed + self.left
+
+    @classmethod
+    def of_rows(cls, rows: Iterable[ComboRow]) -> Outcomes:
+        """Count loaded rows."""
+        return cls.of_groups((row.state, row.result_status, 1) for row in rows)
+
+    @classmethod
+    def of_groups(cls, groups: Iterable[tuple[str, str | None, int]]) -> Outcomes:
+        """Count ``(state, result_status, how many)`` groups, such as a SQL ``GROUP BY``."""
+        counted = dict.fromkeys(("completed", "failed", "left"), 0)
+        for state, result_status, n in groups:
+            counted[outcome_of(state, result_status)] += n
+        return cls(**counted)
 
 
 @dataclass
@@ -403,8 +445,9 @@ class Store:
     "Off the event loop, committed in groups" above).
     """
 
-    def __init__(self, state_dir: Path, conn: sqlite3.Connection, lock_fd: int) -> None:
-        """Use :meth:`open`; this only wires an already opened, locked and migrated database."""
+    def __init__(self, state_dir: Path, conn: sqlite3.Connection, lock_fd: int | None) -> None:
+        """Use :meth:`open` (or :meth:`open_readonly`, no lock: ``lock_fd`` None); this only
+        wires an already opened, locked and migrated database."""
         self.state_dir = state_dir
         self.path = state_dir / DB_NAME
         self._conn: sqlite3.Connection | None = conn
@@ -455,6 +498,24 @@ class Store:
             raise
         store = cls(state_dir, conn, lock_fd)
         log.debug("state opened", path=str(store.path))
+        return store
+
+    @classmethod
+    def open_readonly(cls, state_dir: Path) -> Store:
+        """Open an existing state database for reading only: no lock, no migration, no writes.
+
+        For ``state show`` beside a running worker: the worker holds the directory lock for its
+        whole life, and an operator needs to look exactly then. The connection is SQLite's
+        ``mode=ro`` (every write fails) and ``query_only``; under WAL it reads a consistent
+        snapshot without blocking the worker nor being blocked by it. Nothing is created:
+        :class:`StateError` when ``state.db`` is missing, not SQLite, or not a goflow state of a
+        schema this version reads (an older one is upgraded by the next ``run``/``serve``,
+        never here). SQLite may leave empty ``state.db-wal``/``-shm`` files next to a database
+        no worker has open (it needs them to read a WAL database); the database is untouched.
+        """
+        state_dir = Path(state_dir).expanduser().resolve()
+        store = cls(state_dir, _connect_readonly(state_dir / DB_NAME), None)
+        log.debug("state opened read-only", path=str(store.path))
         return store
 
     def close(self) -> None:
@@ -617,7 +678,7 @@ class Store:
                     for seq, c in enumerate(combos)
                 ],
             )
-        log.info("job stored", project_id=project_id, combinations=len(combos))
+        log.debug("job stored", project_id=project_id, combinations=len(combos))
 
     def job(self, project_id: str) -> JobRow | None:
         """The stored job, or ``None`` if there is none with this id (compared canonically:
@@ -741,7 +802,7 @@ class Store:
                 "WHERE project_id = ?",
                 (phase, resends, job["project_id"]),
             )
-        log.info("status recorded", project_id=project_id, status=status, phase=phase)
+        log.debug("status recorded", project_id=project_id, status=status, phase=phase)
         return int(resends)
 
     def mark_report(self, project_id: str, phase: str, body: dict[str, Any] | None = None) -> int:
@@ -762,7 +823,7 @@ class Store:
                 "UPDATE jobs SET report = ?, report_body = ?, put_resends = ? WHERE project_id = ?",
                 (phase, text, resends, job["project_id"]),
             )
-        log.info("report recorded", project_id=project_id, phase=phase)
+        log.debug("report recorded", project_id=project_id, phase=phase)
         return int(resends)
 
     # ------------------------------------------------------------------ combinations
@@ -800,6 +861,39 @@ class Store:
         ):
             out[row["state"]] = row["n"]
         return out
+
+    def outcomes(self, project_id: str) -> Outcomes:
+        """The job's completed / failed / left counts, counted in SQLite (no row is loaded)."""
+        return Outcomes.of_groups(
+            (row["state"], row["result_status"], row["n"])
+            for row in self._query(
+                "SELECT state, result_status, COUNT(*) AS n FROM combos WHERE project_id = ? "
+                "GROUP BY state, result_status",
+                (project_id,),
+            )
+        )
+
+    def spec_versions(self, project_id: str) -> dict[str, list[int]]:
+        """The prompt spec versions the job's combinations were planned with, per analysis slug
+        (frozen at job creation; more than one only if the job mixes them)."""
+        out: dict[str, list[int]] = {}
+        for row in self._query(
+            "SELECT slug, spec_version, MIN(seq) AS first FROM combos WHERE project_id = ? "
+            "GROUP BY slug, spec_version ORDER BY first",
+            (project_id,),
+        ):
+            out.setdefault(row["slug"], []).append(row["spec_version"])
+        return {slug: sorted(versions) for slug, versions in out.items()}
+
+    def failed_combos(self, project_id: str) -> list[ComboRow]:
+        """The job's failed combinations (:func:`outcome_of`: settled, and not a completed
+        result the backend holds), in planned order; only those rows are read."""
+        rows = self._query(
+            "SELECT * FROM combos WHERE project_id = ? AND (state = 'rejected' OR "
+            "(state = 'reported' AND result_status IS NOT 'completed')) ORDER BY seq",
+            (project_id,),
+        )
+        return [row for row in map(_combo_row, rows) if row.outcome == "failed"]
 
     def _transition(
         self,
@@ -1078,6 +1172,58 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection to an existing state database; see :meth:`Store.open_readonly`."""
+    if not path.is_file():
+        raise StateError(f"no state database at {path}")
+    _check_db_file(path)
+    uri = f"file:{urllib.parse.quote(str(path))}?mode=ro"
+    try:
+        conn = sqlite3.connect(
+            uri, uri=True, isolation_level=None, timeout=5.0, check_same_thread=False
+        )
+    except sqlite3.Error as exc:
+        raise StateError(
+            f"cannot open state database {path} read-only: {_sqlite_reason(exc)}"
+        ) from None
+    conn.row_factory = sqlite3.Row
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        _check_schema_readonly(conn, path)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise StateError(f"state database {path} cannot be read ({_sqlite_reason(exc)})") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _check_schema_readonly(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse a database whose migrations are not exactly this version's (nothing is migrated:
+    the reader must not write; the worker's next start upgrades an older one)."""
+    has_table = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    if has_table is None:
+        raise StateError(f"{path} is not a goflow state database (it has no schema_migrations)")
+    applied = {r[0]: r[1] for r in conn.execute("SELECT id, name FROM schema_migrations")}
+    known = {i: name for i, (name, _) in enumerate(MIGRATIONS, start=1)}
+    for number, name in sorted(applied.items()):
+        if known.get(number) != name:
+            raise StateError(
+                f"state database {path} has migration {number} ({name}) unknown to this "
+                "goflow-gpu version; it was written by a newer one"
+            )
+    missing = [f"{number} ({name})" for number, name in known.items() if number not in applied]
+    if missing:
+        raise StateError(
+            f"state database {path} was written by an older goflow-gpu (migrations "
+            f"{', '.join(missing)} not applied); reading it needs the upgrade that the next "
+            "`goflow-gpu run` or `serve` makes (it is not made by a read-only command)"
+        )
+
+
 def _looks_unwritable(reason: str) -> bool:
     text = reason.lower()
     return "readonly" in text or "read-only" in text or "unable to open" in text
@@ -1179,17 +1325,22 @@ def _job_row(r: sqlite3.Row) -> JobRow:
 def _combo_row(r: sqlite3.Row) -> ComboRow:
     return ComboRow(
         key=ComboKey(r["project_id"], r["media_id"], r["analysis_id"]),
-        slug=r["slug"],
-        variant=r["variant"],
+        plan=PlannedCombo(
+            media_id=r["media_id"],
+            analysis_id=r["analysis_id"],
+            slug=r["slug"],
+            variant=r["variant"],
+            system_prompt=r["system_prompt"],
+            user_prompt=r["user_prompt"],
+            json_schema=json.loads(r["json_schema"]),
+            spec_version=r["spec_version"],
+            max_tokens=r["max_tokens"],
+            temperature=r["temperature"],
+            qa_rules=json.loads(r["qa_rules"]),
+        ),
         state=r["state"],
         attempts=r["attempts"],
         reasons=json.loads(r["reasons"]),
-        system_prompt=r["system_prompt"],
-        user_prompt=r["user_prompt"],
-        json_schema=json.loads(r["json_schema"]),
-        spec_version=r["spec_version"],
-        max_tokens=r["max_tokens"],
-        temperature=r["temperature"],
         body=json.loads(r["body"]) if r["body"] is not None else None,
         result_status=r["result_status"],
         post_attempts=r["post_attempts"],
@@ -1199,5 +1350,4 @@ def _combo_row(r: sqlite3.Row) -> ComboRow:
         prompt_tokens=r["prompt_tokens"],
         cached_tokens=r["cached_tokens"],
         generated_tokens=r["generated_tokens"],
-        qa_rules=json.loads(r["qa_rules"]),
     )

@@ -47,12 +47,16 @@ from goflow_gpu.media import MediaFetcher
 from goflow_gpu.patience import OutageHook, PatienceExhausted, Stopped
 from goflow_gpu.prompts import Catalog, load_catalog
 from goflow_gpu.protocol import Manifest, parse_manifest
-from goflow_gpu.retry import sleep_unless_stopped
-from goflow_gpu.store import PlannedCombo, Store
+from goflow_gpu.retry import RetryPolicy, backoff_delay, sleep_unless_stopped
+from goflow_gpu.store import Outcomes, PlannedCombo, Store
 
 log = get_logger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
+
+#: What an idle poll hands the retry module's backoff: no server delay asked (Retry-After) and
+#: not a 5xx, so the plain schedule applies.
+_IDLE = TransientError("next-job: no job to take now", endpoint="GET next-job", cause="idle")
 
 
 def plan_job(manifest: Manifest, catalog: Catalog) -> list[PlannedCombo]:
@@ -238,9 +242,10 @@ class Worker:
         return result
 
     def _idle_delay(self, idle_polls: int) -> float:
-        """Exponential backoff with full jitter between poll_min and poll_max."""
-        ceiling = min(self.poll_max, self.poll_min * 2 ** min(idle_polls - 1, 16))
-        return max(self.poll_min, self.rng.uniform(0, ceiling))
+        """The retry module's backoff (full jitter, doubling from poll_min up to poll_max), never
+        shorter than poll_min: an idle worker must not hammer next-job."""
+        policy = RetryPolicy(retries=0, base=self.poll_min, cap=self.poll_max)
+        return max(self.poll_min, backoff_delay(policy, idle_polls, _IDLE, self.rng))
 
     async def _interruptible_sleep(self, seconds: float) -> None:
         await sleep_unless_stopped(seconds, self.stopping, self.sleep)
@@ -279,6 +284,10 @@ class Worker:
                 project=manifest.project.name,
                 media=len(manifest.media),
                 analyses=len(manifest.analyses),
+            )
+            # every id, for whoever needs them (at INFO they would fill a screen per job)
+            log.debug(
+                "job ids",
                 media_ids=[m.id for m in manifest.media],
                 analysis_ids=[a.id for a in manifest.analyses],
             )
@@ -355,11 +364,22 @@ class Worker:
             raise
 
     def _interrupted(self, project_id: str, *, waited_out: bool = False) -> JobOutcome:
-        self._run_ended(project_id)
-        rows = self.store.counts(project_id)
-        return JobOutcome(project_id, False, sum(rows.values()), 0, 0, 0.0, waited_out=waited_out)
+        counts = self.store.outcomes(project_id)
+        self._run_ended(project_id, counts)
+        outcome = JobOutcome.of(project_id, counts, 0.0, closed=False)
+        outcome.waited_out = waited_out
+        return outcome
 
-    def _run_ended(self, project_id: str, *, closed: bool = False) -> None:
+    def _run_ended(self, project_id: str, counts: Outcomes | None = None) -> None:
         """The runner ends a job's events only when it finishes normally; observers (metrics)
-        must learn that an interrupted or parked run is over too."""
-        self.events.emit("job_finished", project_id, closed=closed, completed=0, failed=0)
+        must learn that an interrupted or parked run is over too (with the store's counts when
+        the store can still be read)."""
+        if counts is None:
+            counts = Outcomes()
+        self.events.emit(
+            "job_finished",
+            project_id,
+            closed=False,
+            completed=counts.completed,
+            failed=counts.failed,
+        )

@@ -7,10 +7,13 @@ reporting, state) against the simulator without loading weights.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from goflow_gpu.engines.base import Engine, InferenceRequest, InferenceResult
@@ -165,3 +168,18 @@ class ScriptedEngine(Engine):
             started_at=began,
             finished_at=time.monotonic(),
         )
+
+
+@contextlib.contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A plain HTTP server on loopback, on its own thread, answering with ``handler``; yields
+    its ``/v1`` base URL (the OpenAI-compatible engine's convention)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

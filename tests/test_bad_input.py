@@ -572,6 +572,8 @@ def _cli_in_child(args: list[str], *, as_nobody: bool) -> tuple[int, str]:
     Forked, not exec'd: "nobody" may not be allowed to start this interpreter at all.
     """
     from goflow_gpu import cli as cli_module
+    from goflow_gpu import service  # noqa: F401 - imported lazily by the CLI: import it here,
+    # before the fork, since "nobody" may not be allowed to read the standard library either
 
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -597,14 +599,18 @@ def _cli_in_child(args: list[str], *, as_nobody: bool) -> tuple[int, str]:
     return int(code_text), stderr
 
 
-def test_read_only_state_dir_exits_4_naming_it() -> None:
+def test_read_only_state_dir_exits_4_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
     base = Path(tempfile.mkdtemp(prefix="goflow-ro-"))
     state = base / "state"
     try:
         base.chmod(0o755)
         state.mkdir()
         state.chmod(0o555)
-        args = ["run", "--base-url", "http://127.0.0.1:9", "--state-dir", str(state)]
+        # The openai engine: its model is the server's, so the start gets past the model
+        # check (run first, before the state is touched) to the state directory.
+        monkeypatch.setenv("GOFLOW_OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+        args = ["run", "--base-url", "http://127.0.0.1:9", "--state-dir", str(state),
+                "--engine", "openai"]  # fmt: skip
         # root ignores permission bits: the CLI runs as "nobody" then.
         code, stderr = _cli_in_child(args, as_nobody=os.geteuid() == 0)
         assert code == 4, stderr[-2000:]

@@ -16,10 +16,15 @@ from aiohttp import web
 from typer.testing import CliRunner
 
 from goflow_gpu.doctor import Check, register, render_checks, run_doctor
+from goflow_gpu.engines import create_engine
+from goflow_gpu.errors import ConfigError
 from goflow_gpu.settings import Settings, load_settings
 
 MADE_UP_KEY = "zqxv-made-up-doctor-key-5521"
 QWEN = "Qwen/Qwen2.5-VL-7B-Instruct"
+QWEN_CONFIG = (
+    '{"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"]}'
+)
 
 
 class CountingBackend:
@@ -132,8 +137,9 @@ def test_reachable_backend_is_ok_and_next_job_is_never_called(
     monkeypatch.setenv("GOFLOW_API_KEY", MADE_UP_KEY)
     checks = run_doctor(settings_for(tmp_path, backend.url))
     named = by_name(checks)
-    assert named["api key"].ok is True
-    assert "present (not verified" in named["api key"].detail  # never "ok" for an unchecked key
+    assert named["api key"].ok is True  # set: nothing to fix, but...
+    assert named["api key"].verdict == "present (not verified)"  # ...never "ok": unchecked
+    assert "not verified" in named["api key"].detail
     assert named["backend"].ok is True
     assert backend.url in named["backend"].detail
     assert backend.paths == Counter({"/": 1})
@@ -164,6 +170,9 @@ def test_cli_all_good_exits_zero_and_never_prints_the_key(
         assert name in result.output
     assert MADE_UP_KEY[:4] not in result.output
     assert "next-job" not in "".join(backend.paths)
+    (key_line,) = [line for line in result.output.splitlines() if "api key" in line]
+    assert "present (not verified)" in key_line
+    assert " ok " not in key_line  # the table never says ok for a key it could not check
 
 
 def test_cli_missing_key_and_closed_port_exit_one(tmp_path: Path, closed_port_url: str) -> None:
@@ -223,7 +232,7 @@ def fake_nvidia_smi(directory: Path, script: str) -> None:
 def local_model(tmp_path: Path, weights: bool = True) -> Path:
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text("{}", encoding="utf-8")
+    (model / "config.json").write_text(QWEN_CONFIG, encoding="utf-8")
     if weights:
         (model / "model.safetensors").write_bytes(b"\0" * 1024)
     return model
@@ -284,7 +293,7 @@ def test_without_nvidia_smi_torch_is_asked(tmp_path: Path, monkeypatch: pytest.M
 def hub_snapshot(tmp_path: Path, weights: bool) -> Path:
     snapshot = tmp_path / "hf" / "hub" / "models--Qwen--Qwen2.5-VL-7B-Instruct" / "snapshots" / "a1"
     snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text("{}", encoding="utf-8")
+    (snapshot / "config.json").write_text(QWEN_CONFIG, encoding="utf-8")
     if weights:
         (snapshot / "model-00001-of-00001.safetensors").write_bytes(b"\0" * 2048)
     return snapshot
@@ -326,6 +335,58 @@ def test_model_not_cached_warns_online_and_fails_offline(
     assert "HF_HUB_OFFLINE" in check.detail
 
 
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}', "is not a Qwen2.5-VL"),
+        ('{"model_type": "qwen2_vl"}', "model_type 'qwen2_vl', expected 'qwen2_5_vl'"),
+        ("{}", "model_type None"),
+        ("{not json", "cannot be read as JSON"),
+    ],
+)
+def test_model_that_is_not_a_qwen25_vl_fails(tmp_path: Path, config: str, expected: str) -> None:
+    model = local_model(tmp_path)
+    (model / "config.json").write_text(config, encoding="utf-8")
+    check = model_check(
+        settings_for(tmp_path, "http://127.0.0.1:9", engine="vllm", model=str(model))
+    )
+    assert check.ok is False
+    assert expected in check.detail
+    assert str(model) in check.detail
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "no such directory"),
+        ("not-qwen", "is not a Qwen2.5-VL"),
+        ("no-weights", "no weight files"),
+        ("offline", "HF_HUB_OFFLINE is set"),
+    ],
+)
+def test_create_engine_refuses_what_the_doctor_refuses_with_its_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, message: str
+) -> None:
+    model = QWEN
+    if case == "missing":
+        model = str(tmp_path / "nope")
+    elif case in ("not-qwen", "no-weights"):
+        directory = local_model(tmp_path, weights=case != "no-weights")
+        if case == "not-qwen":
+            (directory / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
+        model = str(directory)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and HF_HOME is an empty cache
+    for engine in ("vllm", "transformers"):
+        settings = settings_for(tmp_path, "http://127.0.0.1:9", engine=engine, model=model)
+        doctor_says = model_check(settings)
+        assert doctor_says.ok is False
+        with pytest.raises(ConfigError) as refused:
+            create_engine(settings)
+        assert str(refused.value) == doctor_says.detail  # the doctor's own words, no second copy
+        assert message in str(refused.value)
+
+
 def test_local_model_dir_needs_config_json(tmp_path: Path) -> None:
     model = local_model(tmp_path)
     (model / "config.json").unlink()
@@ -338,6 +399,7 @@ def test_local_model_dir_needs_config_json(tmp_path: Path) -> None:
     check = model_check(settings_for(tmp_path, "http://127.0.0.1:9", engine="vllm", model=missing))
     assert check.ok is False
     assert "no such directory" in check.detail
+    assert missing in check.detail
 
 
 def test_state_dir_writable_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -372,3 +434,23 @@ def test_prompts_and_engine_checks(tmp_path: Path) -> None:
     assert "problem(s) in the prompt catalog" in bad["prompt catalog"].detail
     assert bad["engine"].ok is False
     assert "GOFLOW_OPENAI_BASE_URL" in bad["engine"].detail
+
+
+def test_an_unreadable_hf_cache_is_named_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cache owned by another user (the worker runs as a non-root uid) raises EACCES on
+    # stat; root ignores permission bits, so the refusal is made by hand here.
+    hub_snapshot(tmp_path, weights=True)
+    original = Path.is_dir
+
+    def refusing(self: Path) -> bool:
+        if self.name == "snapshots":
+            raise PermissionError(13, "Permission denied", str(self))
+        return original(self)
+
+    monkeypatch.setattr(Path, "is_dir", refusing)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    check = model_check(settings_for(tmp_path, "http://127.0.0.1:9", engine="vllm", model=QWEN))
+    assert check.ok is False
+    assert f"could not read {tmp_path / 'hf' / 'hub'} (Permission denied)" in check.detail

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from goflow_gpu import engines as registry
 from goflow_gpu.engines import InferenceRequest, InferenceResult, Sampling, create_engine
 from goflow_gpu.engines.hf import TransformersEngine
-from goflow_gpu.errors import EngineError
+from goflow_gpu.errors import ConfigError, EngineError
 from goflow_gpu.settings import Settings
 
 MIN_PIXELS = 56 * 56
@@ -260,12 +260,14 @@ def test_dummy_load_format_builds_random_weights_from_the_config(
 
 
 @pytest.mark.engine
-def test_bad_model_directory_is_an_engine_error(tmp_path: Path) -> None:
+def test_bad_model_directory_is_a_configuration_error(tmp_path: Path) -> None:
+    # Refused before anything is imported or loaded, with the doctor's message (exit 2: the
+    # setting must change; a restart would fail the same way).
     async def run() -> None:
         async with _engine(tmp_path / "no-model"):
             pass
 
-    with pytest.raises(EngineError, match="no-model"):
+    with pytest.raises(ConfigError, match="no-model: no such directory"):
         asyncio.run(run())
 
 

@@ -352,7 +352,9 @@ def test_invalid_schema_points_at_the_schema_line(tmp_path):
     )
     directory = write_catalog(tmp_path, {"schema.yaml": text})
     (problem,) = problems_of(directory)
-    assert problem.startswith(f"{directory / 'schema.yaml'}:11: json_schema: invalid JSON schema")
+    assert problem.startswith(
+        f"{directory / 'schema.yaml'}:11: json_schema: label: invalid JSON schema at 'type':"
+    )
     assert "'text'" in problem
 
 
@@ -360,7 +362,9 @@ def test_negative_max_length_is_an_invalid_schema(tmp_path):
     text = GOOD_SPEC.format(slug="neg").replace("maxLength: 20", "maxLength: -1")
     directory = write_catalog(tmp_path, {"neg.yaml": text})
     (problem,) = problems_of(directory)
-    assert problem.startswith(f"{directory / 'neg.yaml'}:11: json_schema: invalid JSON schema")
+    assert problem.startswith(
+        f"{directory / 'neg.yaml'}:11: json_schema: label: invalid JSON schema at 'maxLength':"
+    )
 
 
 def test_pattern_with_length_bounds_is_refused_as_vllm_would(tmp_path):
@@ -380,7 +384,7 @@ def test_unquoted_yaml_boolean_in_enum_is_caught(tmp_path):
     )
     directory = write_catalog(tmp_path, {"enum.yaml": text})
     (problem,) = problems_of(directory)
-    assert problem.startswith(f"{directory / 'enum.yaml'}:11: json_schema: enum value True")
+    assert problem.startswith(f"{directory / 'enum.yaml'}:11: json_schema: label: enum value True")
 
 
 def test_missing_variant(tmp_path):
@@ -553,7 +557,7 @@ def test_cli_list_shows_every_spec():
 
 
 def test_cli_validate_ok():
-    result = runner.invoke(app, ["validate", str(REPO / "prompts")])
+    result = runner.invoke(app, ["validate", "-d", str(REPO / "prompts")])
     assert result.exit_code == 0, result.output
     assert "0 error(s), 0 warning(s)" in result.output
 
@@ -561,7 +565,7 @@ def test_cli_validate_ok():
 def test_cli_validate_broken_dir_exits_1_with_file_line(tmp_path):
     text = GOOD_SPEC.format(slug="bad").replace("variant: optimised", "variant: sepia")
     directory = write_catalog(tmp_path, {"bad.yaml": text})
-    result = runner.invoke(app, ["validate", str(directory)])
+    result = runner.invoke(app, ["validate", "-d", str(directory)])
     assert result.exit_code == 1
     assert f"{directory / 'bad.yaml'}:4: variant:" in result.output
     assert "1 error(s)" in result.output
@@ -570,7 +574,7 @@ def test_cli_validate_broken_dir_exits_1_with_file_line(tmp_path):
 def test_cli_validate_warnings_only_exits_0(tmp_path):
     text = GOOD_SPEC.format(slug="warn") + "system_prompt: Different.\n"
     directory = write_catalog(tmp_path, {"warn.yaml": text})
-    result = runner.invoke(app, ["validate", str(directory)])
+    result = runner.invoke(app, ["validate", "-d", str(directory)])
     assert result.exit_code == 0, result.output
     assert f"warning: {directory / 'warn.yaml'}:15: system_prompt override" in result.output
 
@@ -600,9 +604,10 @@ def test_cli_render_json_is_machine_readable():
 
 def test_cli_list_of_a_broken_dir_fails_with_the_problems(tmp_path):
     directory = write_catalog(tmp_path, {"x.yaml": GOOD_SPEC.format(slug="y")})
-    result = runner.invoke(app, ["list", "--dir", str(directory)])
+    result = runner.invoke(app, ["list", "--prompts-dir", str(directory)])
     assert result.exit_code == 1
-    assert f"{directory / 'x.yaml'}:1: slug 'y'" in result.output
+    assert f"{directory / 'x.yaml'}:1: slug 'y'" in result.stderr
+    assert "0 specs, 1 broken" in result.stdout
 
 
 def test_cli_help_reads_like_documentation():

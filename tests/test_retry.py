@@ -1,4 +1,5 @@
-"""The retry mechanism: backoff bounds, Retry-After, 5xx factor, retry counts, testing switch."""
+"""The retry mechanism: backoff bounds, Retry-After, 5xx factor, retry counts, testing switch,
+the drain switch, and hypothesis properties of the schedule tenacity runs."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import asyncio
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from goflow_gpu import retry
 from goflow_gpu.errors import InvalidRequestError, TransientError
@@ -335,3 +339,175 @@ def test_module_stats_are_used_when_none_is_injected() -> None:
 
     asyncio.run(call_with_retry(once, POLICY, endpoint="x"))
     assert retry.STATS.by_cause["timeout"] == before + 1
+
+
+# --- the drain switch (stop=) -------------------------------------------------------------------
+
+
+def test_a_backoff_wakes_on_the_stop_switch_and_raises_the_last_error() -> None:
+    retry.set_testing(False)  # a real 30 s backoff, which only the stop switch can cut short
+    stats = RetryStats()
+    errors: list[TransientError] = []
+
+    async def down(attempt: int) -> None:
+        errors.append(transient("429", retry_after=30.0))
+        raise errors[-1]
+
+    async def scenario() -> float:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.1, stop.set)
+        started = time.monotonic()
+        with pytest.raises(TransientError) as info:
+            await call_with_retry(down, POLICY, endpoint="report", stats=stats, stop=stop)
+        assert info.value is errors[-1]
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 5.0
+    assert len(errors) == 1  # no attempt after the drain began
+    assert stats.by_cause == {"429": 1}  # the backoff was scheduled...
+    assert stats.exhausted == {}  # ...but draining is not running out of retries
+
+
+def test_a_failure_while_stopping_is_raised_at_once() -> None:
+    calls: list[int] = []
+    stats = RetryStats()
+
+    async def down(attempt: int) -> None:
+        calls.append(attempt)
+        raise transient("5xx")
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        stop.set()
+        await call_with_retry(down, POLICY, endpoint="result", stats=stats, stop=stop)
+
+    with pytest.raises(TransientError):
+        asyncio.run(scenario())
+    assert calls == [1]
+    assert stats.total == 0
+    assert stats.exhausted == {}
+
+
+def test_an_unset_stop_switch_changes_nothing() -> None:
+    async def twice_down(attempt: int) -> int:
+        if attempt <= 2:
+            raise transient()
+        return attempt
+
+    async def scenario() -> int:
+        return await call_with_retry(
+            twice_down, POLICY, endpoint="x", stats=RetryStats(), stop=asyncio.Event()
+        )
+
+    assert asyncio.run(scenario()) == 3
+
+
+# --- hypothesis: properties of the backoff schedule ---------------------------------------------
+
+policies = st.builds(
+    RetryPolicy,
+    retries=st.integers(0, 8),
+    base=st.floats(0.001, 10.0),
+    cap=st.floats(0.001, 300.0),
+    server_error_factor=st.floats(1.0, 10.0),
+    retry_after_max=st.floats(0.001, 600.0),
+    timeout=st.just(1.0),
+)
+causes = st.sampled_from(["429", "5xx", "network", "timeout"])
+
+
+def _ceiling(policy: RetryPolicy, attempt: int, cause: str) -> float:
+    # Written out independently of backoff_delay: base doubling per attempt, capped, 5xx factor.
+    ceiling = policy.cap
+    if attempt - 1 < 64:
+        ceiling = min(policy.cap, policy.base * 2 ** (attempt - 1))
+    return ceiling * (policy.server_error_factor if cause == "5xx" else 1.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(policy=policies, attempt=st.integers(1, 10_000), cause=causes, seed=st.integers(0, 2**32))
+def test_property_delay_lies_in_the_full_jitter_range(
+    policy: RetryPolicy, attempt: int, cause: str, seed: int
+) -> None:
+    delay = backoff_delay(policy, attempt, transient(cause), random.Random(seed))
+    assert 0.0 <= delay <= _ceiling(policy, attempt, cause) * (1 + 1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(policy=policies, cause=causes)
+def test_property_the_ceiling_never_shrinks_and_stops_at_the_cap(
+    policy: RetryPolicy, cause: str
+) -> None:
+    tops = [backoff_delay(policy, n, transient(cause), UpperRandom()) for n in range(1, 40)]
+    assert tops == sorted(tops)
+    factor = policy.server_error_factor if cause == "5xx" else 1.0
+    assert max(tops) <= policy.cap * factor * (1 + 1e-9)
+    assert tops[0] == pytest.approx(min(policy.base, policy.cap) * factor)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    policy=policies,
+    attempt=st.integers(1, 50),
+    cause=st.sampled_from(["429", "5xx"]),
+    retry_after=st.floats(0.0, 10_000.0),
+    seed=st.integers(0, 2**32),
+)
+def test_property_retry_after_is_a_floor_up_to_the_clamp(
+    policy: RetryPolicy, attempt: int, cause: str, retry_after: float, seed: int
+) -> None:
+    delay = backoff_delay(policy, attempt, transient(cause, retry_after), random.Random(seed))
+    assert delay <= policy.retry_after_max
+    assert delay >= min(retry_after, policy.retry_after_max)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    policy=policies,
+    failures=st.lists(causes, max_size=12),
+    seed=st.integers(0, 2**32),
+)
+def test_property_the_loop_sleeps_the_schedule_and_counts_every_retry(
+    policy: RetryPolicy, failures: list[str], seed: int
+) -> None:
+    """Whatever tenacity does inside, the world looks as the policy says: attempts, the sleeps
+    (drawn from a seeded source, so they can be recomputed by hand), the stats, the outcome."""
+    slept: list[float] = []
+    stats = RetryStats()
+
+    async def record_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def flaky(attempt: int) -> int:
+        if attempt <= len(failures):
+            raise transient(failures[attempt - 1])
+        return attempt
+
+    async def scenario() -> int:
+        return await call_with_retry(
+            flaky,
+            policy,
+            endpoint="e",
+            sleep=record_sleep,
+            rng=random.Random(seed),
+            stats=stats,
+        )
+
+    retries_needed = len(failures)
+    if retries_needed <= policy.retries:
+        assert asyncio.run(scenario()) == retries_needed + 1
+        assert stats.exhausted == {}
+    else:
+        with pytest.raises(TransientError) as info:
+            asyncio.run(scenario())
+        assert info.value.cause == failures[policy.retries]
+        assert stats.exhausted == {"e": 1}
+    retried = failures[: min(retries_needed, policy.retries)]
+    replay = random.Random(seed)
+    expected = [
+        backoff_delay(policy, n, transient(cause), replay) for n, cause in enumerate(retried, 1)
+    ]
+    assert slept == expected
+    assert [e.delay for e in stats.recent] == expected
+    assert [e.attempt for e in stats.recent] == list(range(1, len(retried) + 1))
+    assert stats.by_cause == Counter(retried)

@@ -22,12 +22,11 @@ import os
 import ssl
 import subprocess
 import sys
-import threading
 import traceback
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ from goflow_gpu.retry import RetryStats
 from goflow_gpu.service import run_worker
 from goflow_gpu.settings import load_settings
 from goflow_gpu.simulator import Faults, FaultSpec, Simulator, SimulatorThread
-from tests.doubles import ScriptedEngine, instance_for
+from tests.doubles import ScriptedEngine, http_server, instance_for
 
 # Made up; '/', '+' and '=' make its URL-encoded and base64 forms differ from the plain one.
 KEY = "made-up-S3cret/Key+for=leak-test-9b1e"
@@ -278,15 +277,8 @@ class _FakeChat(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_chat() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeChat)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with http_server(_FakeChat) as url:
+        yield url
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from goflow_gpu.errors import ConfigError
-from goflow_gpu.settings import PRODUCTION_BASE_URL, load_settings
+from goflow_gpu.settings import PRODUCTION_BASE_URL, Settings, load_settings, value_sources
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +90,45 @@ def test_unknown_and_bad_settings_are_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(config)
     text = str(info.value)
-    assert "engine" in text and "max_pixel: unknown setting" in text and str(config) in text
+    assert "engine" in text and str(config) in text
+    assert "max_pixel: unknown setting (did you mean max_pixels?)" in text
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (None, "cannot read config file"),  # no such file: never a silent fall back to defaults
+        ("- engine: vllm\n", "top level must be a mapping"),
+        ("engine: [unclosed\n", "not valid YAML"),
+        ("GOFLOW_API_KEY: made-up\n", "api_key must not be in a config file"),
+    ],
+)
+def test_a_bad_config_file_is_refused_by_name(
+    tmp_path: Path, content: str | None, fragment: str
+) -> None:
+    config = tmp_path / "typo.yaml"
+    if content is not None:
+        config.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        load_settings(config)
+    assert fragment in str(info.value)
+    assert str(config) in str(info.value)
+
+
+def test_value_sources_follow_the_precedence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("engine: transformers\nmodel: from-yaml\nqa_retries: 5\n")
+    monkeypatch.setenv("GOFLOW_MODEL", "from-env")
+    monkeypatch.setenv("goflow_seed", "7")  # any case, as pydantic-settings reads it
+    sources = value_sources(config, qa_retries=1, engine=None)
+    assert sources["qa_retries"] == "flag"  # flag over yaml
+    assert sources["engine"] == f"file {config}"  # a flag of None is not given
+    assert sources["model"] == "env GOFLOW_MODEL"  # env over yaml
+    assert sources["seed"] == "env goflow_seed"
+    assert sources["base_url"] == "default"
+    assert set(sources) == set(Settings.model_fields)
 
 
 def test_missing_key_message() -> None:

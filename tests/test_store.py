@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from goflow_gpu.errors import StateError
-from goflow_gpu.store import ComboKey, PlannedCombo, Store
+from goflow_gpu.store import ComboKey, Outcomes, PlannedCombo, Store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -376,9 +376,11 @@ def test_create_job_stores_manifest_and_pending_combos_in_order(store: Store) ->
     assert first.state == "pending"
     assert first.attempts == 0
     assert first.reasons == []
-    assert first.json_schema == {"type": "object", "properties": {"x": {"type": "integer"}}}
-    assert first.qa_rules == {"min_items": 1}
-    assert (first.spec_version, first.max_tokens, first.temperature) == (3, 256, 0.0)
+    # The row carries the plan it was stored with, whole: the same PlannedCombo comes back.
+    assert [r.plan for r in rows] == plan(raw)
+    assert first.plan.json_schema == {"type": "object", "properties": {"x": {"type": "integer"}}}
+    assert first.plan.qa_rules == {"min_items": 1}
+    assert (first.plan.spec_version, first.plan.max_tokens) == (3, 256)
     assert first.body is None
     assert first.post_attempts == 0
     assert store.counts(pid) == {
@@ -556,6 +558,32 @@ def test_rejected_keeps_the_server_detail(store: Store, job: dict[str, Any]) -> 
         "analysisResult.x: not an integer",
     )
     assert row.result_status == "failed"
+
+
+def test_outcomes_count_completed_failed_and_left_one_way(
+    store: Store, job: dict[str, Any]
+) -> None:
+    pid = job["project"]["id"]
+    keys = [r.key for r in store.combos(pid)]  # 2 media x 3 analyses
+    steps = [
+        ["ready_completed", "posting", "reported"],  # completed: the backend holds it
+        ["ready_failed", "posting", "reported"],  # failed: QA gave up, the failure landed
+        ["ready_completed", "posting", "rejected"],  # failed: the backend refused the result
+        ["ready_completed", "posting"],  # left: sent, outcome not known yet
+        ["ready_completed"],  # left
+        [],  # left: pending
+    ]
+    for key, ops in zip(keys, steps, strict=True):
+        for op in ops:
+            apply(store, key, op)
+    expected = Outcomes(completed=1, failed=2, left=3)
+    assert store.outcomes(pid) == expected  # counted in SQL
+    rows = store.combos(pid)
+    assert Outcomes.of_rows(rows) == expected  # counted from loaded rows, the same way
+    assert expected.total == 6
+    assert [r.outcome for r in rows] == ["completed", "failed", "failed", "left", "left", "left"]
+    assert [r.passed for r in rows] == [True, False, False, False, False, False]
+    assert store.outcomes(str(uuid.uuid4())) == Outcomes()  # an unknown job: nothing
 
 
 @pytest.mark.parametrize("state", list(PATHS))

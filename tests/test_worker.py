@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from goflow_gpu import retry
+from goflow_gpu.client import GoFlowClient
 from goflow_gpu.engines.base import InferenceRequest
 from goflow_gpu.errors import AuthenticationError
-from goflow_gpu.service import run_worker
+from goflow_gpu.media import MediaFetcher, MediaLimits
+from goflow_gpu.service import job_options, run_worker
 from goflow_gpu.settings import Settings, load_settings
 from goflow_gpu.simulator import Faults, FaultSpec, Simulator
 from goflow_gpu.store import Store
+from goflow_gpu.worker import Worker
 from tests.doubles import ScriptedEngine
 
 KEY = "made-up-worker-key-0001"
@@ -205,7 +210,7 @@ def test_qa_failure_is_retried_with_reasons_then_reported_failed(tmp_path: Path)
         assert len(asked) == 3  # 1 + 2 retries
         assert asked[0].user_prompt != asked[1].user_prompt  # reasons appended
         with Store.open(tmp_path) as store:
-            rows = [r for r in store.combos(project) if r.slug == "object-detection"]
+            rows = [r for r in store.combos(project) if r.plan.slug == "object-detection"]
             assert len(rows[0].reasons) == 3
 
     run(go)
@@ -417,3 +422,70 @@ def test_a_job_offered_again_after_it_was_closed_is_not_run_twice(tmp_path: Path
             assert sim.ledger.statuses[project] == ["processing", "completed"]
 
     run(go)
+
+
+class _TopOfRange(random.Random):
+    """Draws the top of every jitter range, so the backoff's ceilings show as they are."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+class _BottomOfRange(random.Random):
+    """Draws the bottom of every jitter range (0 s): the poll_min floor must hold."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
+@pytest.mark.parametrize(
+    ("rng", "expected"),
+    [
+        # Doubling from poll_min (2 s) up to poll_max (60 s), as the retry module's schedule.
+        (_TopOfRange(), [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]),
+        # Full jitter may draw 0 s; an idle worker still waits poll_min between polls.
+        (_BottomOfRange(), [2.0] * 7),
+    ],
+)
+def test_idle_polls_back_off_on_the_retry_schedule(
+    tmp_path: Path, rng: random.Random, expected: list[float]
+) -> None:
+    async def go() -> list[float]:
+        slept: list[float] = []
+        stopping = asyncio.Event()
+
+        async def sleep(seconds: float) -> None:
+            slept.append(seconds)
+            if len(slept) == len(expected):
+                stopping.set()  # SIGTERM after the last expected pause
+
+        async with Simulator(api_key=KEY, seed=0) as sim:  # no job queued: every poll is 404
+            settings = settings_for(sim, tmp_path)
+            engine = ScriptedEngine()
+            with Store.open(tmp_path) as store:
+                async with GoFlowClient(sim.base_url, SecretStr(KEY)) as client:
+                    fetcher = MediaFetcher(
+                        store, MediaLimits(max_bytes=1 << 20, max_pixels=1 << 20)
+                    )
+                    worker = Worker(
+                        store=store,
+                        client=client,
+                        engine=engine,
+                        fetcher=fetcher,
+                        options=job_options(settings, engine, burst=False),
+                        poll_min=2.0,
+                        poll_max=60.0,
+                        sleep=sleep,
+                        rng=rng,
+                        stopping=stopping,
+                    )
+                    try:
+                        result = await worker.run(burst=False)
+                    finally:
+                        await fetcher.close()
+            assert result.drained and result.job_runs == 0
+            polls = [c for c in sim.ledger.calls if c["route"] == "next-job"]
+            assert len(polls) == len(expected)  # one poll before each pause
+        return slept
+
+    assert run(go) == expected

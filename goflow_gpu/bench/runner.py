@@ -112,13 +112,13 @@ def cached_token_maximum(
         combo = combos.get((event.media_id, event.analysis_id or ""))
         if combo is None:
             continue
-        group = (event.media_id, combo.variant)
+        group = (event.media_id, combo.plan.variant)
         analyses.setdefault(group, set()).add(combo.key.analysis_id)
         if group not in prefix:
-            image = store.media(project_id, event.media_id, combo.variant)
+            image = store.media(project_id, event.media_id, combo.plan.variant)
             if image is None or image.path is None:
                 continue
-            prefix[group] = counter.tokens(combo.system_prompt, image.path)
+            prefix[group] = counter.tokens(combo.plan.system_prompt, image.path)
     return sum((len(ids) - 1) * prefix.get(group, 0) for group, ids in analyses.items())
 
 

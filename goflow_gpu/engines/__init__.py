@@ -12,7 +12,7 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from goflow_gpu.engines.base import Engine, InferenceRequest, InferenceResult, Sampling
-from goflow_gpu.errors import EngineError
+from goflow_gpu.errors import ConfigError, EngineError
 
 if TYPE_CHECKING:
     from goflow_gpu.settings import Settings
@@ -24,6 +24,7 @@ __all__ = [
     "InferenceResult",
     "Sampling",
     "available_engines",
+    "check_model",
     "create_engine",
 ]
 
@@ -52,11 +53,9 @@ def available_engines() -> list[str]:
     return [name for name in ENGINES if not _missing_modules(name)]
 
 
-def engine_class(name: str) -> type[Engine]:
-    """Import and return the engine class registered as ``name``.
-
-    Raises :class:`EngineError` for an unknown name or a missing library (naming the extra).
-    """
+def _check_installed(name: str) -> None:
+    """:class:`EngineError` for an unknown engine name or a missing library (naming the extra);
+    checked without importing anything."""
     if name not in ENGINES:
         raise EngineError(f"unknown engine {name!r}: choose one of {', '.join(sorted(ENGINES))}")
     missing = _missing_modules(name)
@@ -66,6 +65,14 @@ def engine_class(name: str) -> type[Engine]:
         raise EngineError(
             f"engine {name!r} needs {', '.join(missing)}, which is not installed: {hint}"
         )
+
+
+def engine_class(name: str) -> type[Engine]:
+    """Import and return the engine class registered as ``name``.
+
+    Raises :class:`EngineError` for an unknown name or a missing library (naming the extra).
+    """
+    _check_installed(name)
     module_name, _, class_name = ENGINES[name].partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -77,13 +84,35 @@ def engine_class(name: str) -> type[Engine]:
     return cls
 
 
+def check_model(settings: Settings) -> None:
+    """Refuse a model that cannot be loaded, from files only, in milliseconds.
+
+    The doctor's own check (:func:`goflow_gpu.doctor.model_check`): a path that does not
+    exist, a directory without config.json or that is not a Qwen2.5-VL, missing weights, or a
+    Hub id that is not cached while ``HF_HUB_OFFLINE`` is set raise :class:`ConfigError` with
+    the doctor's message (CLI exit 2: the setting must change; a restart would fail the same
+    way). Without it such a model surfaced only after seconds of engine imports and library
+    output, as a Hub-id error. Warnings (a Hub id that will be downloaded) pass.
+    """
+    from goflow_gpu.doctor import model_check
+
+    check = model_check(settings)
+    if check.ok is False:
+        raise ConfigError(check.detail)
+
+
 def create_engine(settings: Settings, **overrides: Any) -> Engine:
     """Build the engine named by ``settings.engine`` (not started: call ``start()``).
 
     ``overrides`` replace settings fields for this engine only (``engine=...`` picks another).
+
+    Before anything is imported or loaded: :func:`check_model`, and whether the engine's
+    libraries are installed (:class:`EngineError`, exit 5, naming the extra to install).
     """
     if overrides:
         settings = settings.model_copy(update=overrides)
+    _check_installed(settings.engine)
+    check_model(settings)
     cls = engine_class(settings.engine)
     from_settings = getattr(cls, "from_settings", None)
     if from_settings is None:

@@ -43,7 +43,7 @@ from goflow_gpu.engines.base import (
 from goflow_gpu.engines.chat import ChatTemplate
 from goflow_gpu.engines.images import prepared_image_cache
 from goflow_gpu.errors import EngineError, GoFlowError
-from goflow_gpu.logs import get_logger
+from goflow_gpu.logs import adopt_library_handlers, get_logger
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -269,6 +269,8 @@ class TransformersEngine(Engine):
                 f"the transformers engine needs torch and transformers: {exc}; "
                 "pip install 'goflow-gpu[transformers]'"
             ) from exc
+        # transformers puts its own handler on stderr: its records go through the one pipeline.
+        adopt_library_handlers()
         self.device = _resolve_device(self.device_setting, torch.cuda.is_available())
         torch_dtype = getattr(torch, _resolve_dtype(self.dtype_setting, self.device))
         torch.manual_seed(self.seed)

@@ -51,7 +51,7 @@ from goflow_gpu.engines.base import (
 from goflow_gpu.engines.chat import ChatTemplate
 from goflow_gpu.engines.images import PreparedImage, prepared_image_cache
 from goflow_gpu.errors import EngineError, MediaError
-from goflow_gpu.logs import get_logger
+from goflow_gpu.logs import adopt_library_handlers, get_logger
 
 if TYPE_CHECKING:
     from goflow_gpu.settings import Settings
@@ -257,6 +257,9 @@ class VllmEngine(Engine):
             from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401 - import it here
         except ImportError as exc:
             raise EngineError(f"the vllm engine needs vllm and transformers: {exc}") from exc
+        # Handlers vLLM (when VLLM_CONFIGURE_LOGGING is on) and transformers put on stdout or
+        # stderr bypass the one pipeline (goflow_gpu.logs): their records go through it instead.
+        adopt_library_handlers()
         args = AsyncEngineArgs(
             **self.engine_kwargs(), structured_outputs_config=self.structured_outputs_config()
         )

@@ -6,10 +6,14 @@ Layout of a catalog directory::
     <slug>.yaml          one PromptSpec per analysis type; the file name stem is the slug
 
 :func:`load_catalog` reads and checks everything and raises one :class:`CatalogError` listing
-every problem as ``FILE:LINE: message``. :func:`lint_catalog` adds warnings for choices that work
-but cost: a system-prompt override (the image prefix is no longer shared between analyses) and
-unbounded schemas. The worker reloads the catalog between jobs, never inside one: what a job
-uses is frozen in :class:`RenderedPrompt` copies.
+every problem as ``FILE:LINE: message``: the worker takes a catalog whole or not at all, since
+a job must never meet a spec that was left out. :func:`inspect_catalog` is the authors' view of
+the same reading: the specs that load, and the problems of each file that does not, so one
+broken file does not hide the others from ``prompts list`` and ``prompts render``.
+:func:`lint_catalog` adds warnings for choices that work but cost: a system-prompt override (the
+image prefix is no longer shared between analyses) and unbounded schemas. The worker reloads the
+catalog between jobs, never inside one: what a job uses is frozen in :class:`RenderedPrompt`
+copies.
 """
 
 from __future__ import annotations
@@ -146,26 +150,57 @@ def shipped_catalog_dir() -> Path:
 
 
 def load_catalog(directory: Path | None = None) -> Catalog:
-    """Load and check a catalog (``None`` = the shipped one). Raises :class:`CatalogError`."""
-    scan = _scan(directory)
-    if scan.errors:
-        raise CatalogError(scan.errors, scan.directory)
-    assert scan.settings is not None  # no errors means the shared file was read
-    return Catalog(
-        system_prompt=scan.settings.system_prompt,
-        specs={slug: entry.spec for slug, entry in scan.specs.items()},
-        source=scan.directory,
-        description=scan.settings.description,
-    )
+    """Load and check a catalog (``None`` = the shipped one). Raises :class:`CatalogError`
+    listing every problem when anything is wrong: a catalog is used whole or not at all."""
+    report = inspect_catalog(directory)
+    if report.errors or report.catalog is None:
+        raise CatalogError(report.errors, report.directory)
+    return report.catalog
 
 
 def lint_catalog(directory: Path | None = None) -> tuple[list[str], list[str]]:
     """``(errors, warnings)`` of a catalog, each line ``FILE:LINE: message``."""
+    report = inspect_catalog(directory)
+    return report.errors, report.warnings()
+
+
+@dataclass
+class CatalogReport:
+    """A catalog as its authors see it: what loads, and every problem of what does not.
+
+    ``catalog`` holds the specs that load (``None`` when the catalog as a whole cannot be used:
+    no directory, a broken ``_catalog.yaml``); ``broken`` the problems of each spec file left
+    out, by file stem (the slug it would have); ``errors`` every problem in file order, the
+    catalog's own included. Never give a partial catalog to the worker: :func:`load_catalog`.
+    """
+
+    directory: Path
+    catalog: Catalog | None
+    errors: list[str]
+    broken: dict[str, list[str]]
+    _entries: dict[str, _Entry]
+
+    def where(self, slug: str, path: PathKey = ()) -> str:
+        """``FILE:LINE`` of ``path`` in the spec file of ``slug`` (a loaded spec)."""
+        return self._entries[slug].where(path)
+
+    def warnings(self) -> list[str]:
+        """Lint warnings of the specs that load, each ``FILE:LINE: message``."""
+        return [line for entry in self._entries.values() for line in _spec_warnings(entry)]
+
+
+def inspect_catalog(directory: Path | None = None) -> CatalogReport:
+    """Read a catalog (``None`` = the shipped one) keeping each spec file's problems to itself."""
     scan = _scan(directory)
-    warnings: list[str] = []
-    for entry in scan.specs.values():
-        warnings.extend(_spec_warnings(entry))
-    return scan.errors, warnings
+    catalog = None
+    if scan.settings is not None:
+        catalog = Catalog(
+            system_prompt=scan.settings.system_prompt,
+            specs={slug: entry.spec for slug, entry in scan.specs.items()},
+            source=scan.directory,
+            description=scan.settings.description,
+        )
+    return CatalogReport(scan.directory, catalog, scan.errors, scan.broken, scan.specs)
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -187,6 +222,7 @@ class _Scan:
     settings: CatalogSettings | None = None
     specs: dict[str, _Entry] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    broken: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _scan(directory: Path | None) -> _Scan:
@@ -206,32 +242,41 @@ def _scan(directory: Path | None) -> _Scan:
     for file in files:
         if file.name.startswith("_"):
             continue
-        if file.suffix == ".yml":
-            scan.errors.append(f"{file}:1: spec files end in .yaml (rename to {file.stem}.yaml)")
-            continue
-        loaded_spec = _load_model(file, PromptSpec, scan.errors)
-        if loaded_spec is None:
-            continue
-        spec, source = loaded_spec
-        entry = _Entry(spec, file, source)
         before = len(scan.errors)
-        if spec.slug != file.stem:
-            scan.errors.append(
-                f"{entry.where(('slug',))}: slug '{spec.slug}' does not match the file name "
-                f"(expected '{file.stem}', or rename the file to {spec.slug}.yaml)"
-            )
-        if spec.slug in scan.specs:
-            other = scan.specs[spec.slug].file
-            scan.errors.append(f"{entry.where(('slug',))}: duplicate slug '{spec.slug}' ({other})")
-        for path, message in schema_errors(spec.json_schema):
-            scan.errors.append(f"{entry.where(('json_schema', *path))}: json_schema: {message}")
-        if len(scan.errors) == before:
-            scan.errors.extend(_finishing_errors(entry))
-        if len(scan.errors) == before:
-            scan.specs[spec.slug] = entry
+        entry = _read_spec(file, scan)
+        if len(scan.errors) == before and entry is not None:
+            scan.specs[entry.spec.slug] = entry
+        elif len(scan.errors) > before:
+            scan.broken.setdefault(file.stem, []).extend(scan.errors[before:])
     if not files:
         scan.errors.append(f"{root}:0: no spec files (*.yaml) in the catalog directory")
     return scan
+
+
+def _read_spec(file: Path, scan: _Scan) -> _Entry | None:
+    """One spec file, its problems appended to ``scan.errors``; ``None`` when it has any."""
+    if file.suffix == ".yml":
+        scan.errors.append(f"{file}:1: spec files end in .yaml (rename to {file.stem}.yaml)")
+        return None
+    loaded_spec = _load_model(file, PromptSpec, scan.errors)
+    if loaded_spec is None:
+        return None
+    spec, source = loaded_spec
+    entry = _Entry(spec, file, source)
+    before = len(scan.errors)
+    if spec.slug != file.stem:
+        scan.errors.append(
+            f"{entry.where(('slug',))}: slug '{spec.slug}' does not match the file name "
+            f"(expected '{file.stem}', or rename the file to {spec.slug}.yaml)"
+        )
+    if spec.slug in scan.specs:
+        other = scan.specs[spec.slug].file
+        scan.errors.append(f"{entry.where(('slug',))}: duplicate slug '{spec.slug}' ({other})")
+    for path, message in schema_errors(spec.json_schema):
+        scan.errors.append(f"{entry.where(('json_schema', *path))}: json_schema: {message}")
+    if len(scan.errors) == before:
+        scan.errors.extend(_finishing_errors(entry))
+    return entry if len(scan.errors) == before else None
 
 
 # The answer's keys as QA converts them: checks and computed fields read the converted result.

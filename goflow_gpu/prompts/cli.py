@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import functools
 import json
+import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -14,7 +17,13 @@ from rich.console import Console
 from rich.table import Table
 
 from goflow_gpu.errors import GoFlowError
-from goflow_gpu.prompts.catalog import Catalog, CatalogError, lint_catalog, load_catalog
+from goflow_gpu.prompts.catalog import (
+    Catalog,
+    CatalogReport,
+    fallback_spec,
+    inspect_catalog,
+    shipped_catalog_dir,
+)
 from goflow_gpu.prompts.result import result_schema
 from goflow_gpu.prompts.spec import PromptSpec, QARules, RenderedPrompt
 
@@ -34,13 +43,23 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-DirOpt = Annotated[
+PromptsDirOpt = Annotated[
     Path | None,
     typer.Option(
-        "--dir",
+        "--prompts-dir",
         "-d",
-        help="Catalog directory to use instead of the shipped one (or settings' prompts_dir).",
+        help="The prompt catalog directory. Default: settings' prompts_dir (GOFLOW_PROMPTS_DIR "
+        "or the --config file), else the shipped catalog. Each command names the catalog it "
+        "used on stderr.",
         show_default=False,
+    ),
+]
+FallbackOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fallback",
+        help="For a slug the catalog lacks, use the generic fallback spec the worker would "
+        "use (instead of exit 2).",
     ),
 ]
 
@@ -76,64 +95,196 @@ def _engine_settings(
         raise typer.Exit(2) from None
 
 
+# --- which catalog ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CatalogChoice:
+    """The catalog a command uses and where that choice came from.
+
+    Every prompt command resolves it the same way as the worker (``-d``, else settings'
+    ``prompts_dir`` from GOFLOW_PROMPTS_DIR or the config file, else the shipped catalog), so
+    what an author lists, renders and validates is what ``serve`` would load.
+    """
+
+    directory: Path | None  # None: the shipped catalog
+    origin: str
+
+    @property
+    def path(self) -> Path:
+        return (self.directory if self.directory is not None else shipped_catalog_dir()).resolve()
+
+    @property
+    def shipped(self) -> bool:
+        return self.path == shipped_catalog_dir().resolve()
+
+
+def _choose(
+    directory: Path | None, config: Path | None, settings: Settings | None = None
+) -> CatalogChoice:
+    """Resolve the catalog and name it on stderr (stdout stays the command's output)."""
+    if directory is not None:
+        choice = CatalogChoice(directory, "-d")
+    else:
+        if settings is None:
+            from goflow_gpu.settings import load_settings
+
+            try:
+                settings = load_settings(config)
+            except GoFlowError as exc:
+                typer.echo(f"configuration error: {exc}", err=True)
+                raise typer.Exit(2) from None
+        if settings.prompts_dir is None:
+            choice = CatalogChoice(None, "shipped")
+        elif any(name.upper() == "GOFLOW_PROMPTS_DIR" for name in os.environ):
+            choice = CatalogChoice(settings.prompts_dir, "GOFLOW_PROMPTS_DIR")
+        else:
+            choice = CatalogChoice(settings.prompts_dir, f"prompts_dir in {config or 'settings'}")
+    label = choice.origin
+    if choice.shipped and choice.origin != "shipped":
+        label += ", the shipped catalog"
+    typer.echo(f"catalog: {choice.path} ({label})", err=True)
+    return choice
+
+
 def _load(directory: Path | None) -> Catalog:
-    try:
-        return load_catalog(directory)
-    except CatalogError as exc:
-        for problem in exc.problems:
-            typer.echo(problem, err=True)
-        typer.echo(
-            f"the catalog has {len(exc.problems)} problem(s); "
+    """The whole catalog, or exit 1 listing every problem: for commands that judge the set
+    (budget, reference, lock, eval), which must not pass over a spec that does not load."""
+    report = inspect_catalog(directory)
+    if report.errors or report.catalog is None:
+        _fail(
+            report.errors,
+            f"the catalog has {len(report.errors)} problem(s); "
             "run `goflow-gpu prompts validate` for details",
-            err=True,
         )
-        raise typer.Exit(1) from None
+    return report.catalog
 
 
-def _spec(catalog: Catalog, slug: str) -> PromptSpec:
-    if slug not in catalog.specs:
+def _inspect(directory: Path | None) -> tuple[Catalog, CatalogReport]:
+    """The specs that load, for commands about single specs (list, render, try): a broken spec
+    file is reported but does not hide the others. Exit 1 when the catalog as a whole cannot
+    be used (no directory, a broken _catalog.yaml)."""
+    report = inspect_catalog(directory)
+    if report.catalog is None:
+        _fail(
+            report.errors,
+            f"the catalog cannot be used ({len(report.errors)} problem(s)); "
+            "run `goflow-gpu prompts validate` for details",
+        )
+    return report.catalog, report
+
+
+def _spec(catalog: Catalog, report: CatalogReport, slug: str, fallback: bool) -> PromptSpec:
+    """The spec of ``slug``; a broken one exits 1 with its problems, an unknown one exits 2
+    with the closest slugs, unless ``fallback`` asks for the worker's generic spec."""
+    spec = catalog.specs.get(slug)
+    if spec is not None:
+        if report.broken:
+            names = ", ".join(sorted(report.broken))
+            typer.echo(
+                f"note: {len(report.broken)} other spec file(s) do not load ({names}); "
+                "run `goflow-gpu prompts validate`",
+                err=True,
+            )
+        return spec
+    if slug in report.broken:
+        _fail(report.broken[slug], f"the spec file of '{slug}' does not load")
+    if fallback:
         typer.echo(
-            f"note: '{slug}' is not in the catalog ({catalog.source}); "
-            "showing the generic fallback spec the worker would use",
+            f"note: '{slug}' is not in the catalog ({catalog.source}); showing the generic "
+            "fallback spec the worker would use for it",
             err=True,
         )
-    return catalog.spec_for(slug)
+        return fallback_spec(slug)
+    known = sorted({*catalog.specs, *report.broken})
+    close = difflib.get_close_matches(slug, known, n=3, cutoff=0.6)
+    hint = (
+        "did you mean " + " or ".join(f"'{name}'" for name in close) + "?"
+        if close
+        else "`goflow-gpu prompts list` shows the slugs"
+    )
+    typer.echo(
+        f"error: no analysis '{slug}' in the catalog ({catalog.source}); {hint} "
+        "(--fallback shows the generic spec the worker would use for it)",
+        err=True,
+    )
+    raise typer.Exit(2)
 
 
 @app.command("list")
-def list_specs(directory: DirOpt = None) -> None:
-    """List the specs of the catalog: slug, name, image variant and version."""
-    catalog = _load(directory)
+def list_specs(directory: PromptsDirOpt = None, config: ConfigOpt = None) -> None:
+    """List the specs of the catalog: slug, name, image variant and version.
+
+    A spec file that does not load is listed as BROKEN, its problems printed on stderr, and
+    the exit code is 1 (0 when every spec loads), so a script notices.
+    """
+    catalog, report = _inspect(_choose(directory, config).directory)
     table = Table(title=f"prompt catalog: {catalog.source}", title_justify="left")
     for column in ("slug", "name", "variant", "version"):
         table.add_column(column, no_wrap=True)
-    for slug in sorted(catalog.specs):
-        spec = catalog.specs[slug]
-        table.add_row(spec.slug, spec.name, spec.variant, str(spec.version))
+    for slug in sorted({*catalog.specs, *report.broken}):
+        spec = catalog.specs.get(slug)
+        if spec is None:
+            table.add_row(slug, f"BROKEN ({len(report.broken[slug])} problem(s))", "-", "-")
+        else:
+            table.add_row(spec.slug, spec.name, spec.variant, str(spec.version))
     Console(width=120).print(table)
+    for problems in report.broken.values():
+        for problem in problems:
+            typer.echo(problem, err=True)
+    if report.broken:
+        typer.echo(f"{len(catalog.specs)} specs, {len(report.broken)} broken (see stderr)")
+        raise typer.Exit(1)
     typer.echo(f"{len(catalog.specs)} specs")
 
 
 @app.command("validate")
 def validate(
-    directory: Annotated[
+    legacy_directory: Annotated[
         Path | None,
-        typer.Argument(help="Catalog directory to check. Default: the shipped catalog."),
+        typer.Argument(
+            metavar="[DIRECTORY]",
+            help="Deprecated: use -d DIRECTORY. The catalog directory to check.",
+            show_default=False,
+        ),
     ] = None,
+    directory: PromptsDirOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Check a catalog the way the worker loads it, and lint it.
 
     Errors (exit code 1), one per line as FILE:LINE: message: invalid YAML, unknown or missing
-    keys, wrong types, an invalid JSON schema (draft 2020-12), a missing or unknown image
-    variant, a slug that differs from the file name, duplicate slugs.
+    keys, wrong types, an invalid JSON schema (draft 2020-12), a schema no answer can satisfy
+    (a required field not in properties while additionalProperties is false or whose schema is
+    false, minItems > maxItems, minLength > maxLength, minimum > maximum, an empty enum, ...),
+    a missing or unknown image variant, a slug that differs from the file name, duplicate
+    slugs; a spec whose content changed while its version did not (against the catalog's
+    _catalog.lock; the shipped catalog must have one). Schema errors name the field, e.g.
+    objects[].name.
 
     Warnings (exit code 0 when there are only warnings): a system-prompt override (the image
     prefix is no longer shared, so each such analysis prefills the image again), unbounded
     schema parts (strings without maxLength, arrays without maxItems, numbers without minimum
     and maximum, objects that allow extra or optional properties), fields the user prompt never
-    names, boxes without the coordinate space in the prompt, temperature above 0.
+    names, boxes without the coordinate space in the prompt, temperature above 0, a version
+    the lock does not hold yet (run `goflow-gpu prompts lock`).
     """
-    errors, warnings = lint_catalog(directory)
+    if legacy_directory is not None:
+        if directory is not None and directory != legacy_directory:
+            typer.echo("error: give the catalog directory once, with -d", err=True)
+            raise typer.Exit(2)
+        typer.echo(
+            "note: `prompts validate DIRECTORY` is deprecated; use `prompts validate -d DIRECTORY`",
+            err=True,
+        )
+        directory = legacy_directory
+    choice = _choose(directory, config)
+    report = inspect_catalog(choice.directory)
+    errors, warnings = list(report.errors), report.warnings()
+    if report.catalog is not None:
+        lock_errors, lock_warnings = _lock_findings(report, report.catalog, choice)
+        errors += lock_errors
+        warnings += lock_warnings
     for line in errors:
         typer.echo(line)
     for line in warnings:
@@ -143,21 +294,52 @@ def validate(
         raise typer.Exit(1)
 
 
+def _lock_findings(
+    report: CatalogReport, catalog: Catalog, choice: CatalogChoice
+) -> tuple[list[str], list[str]]:
+    """``(errors, warnings)`` of the catalog's lock, as FILE:LINE lines (the spec's version).
+
+    The same :func:`~goflow_gpu.prompts.lock.audit_lock` as ``prompts lock --check``; only
+    the severity differs: content changed under the same version, or a lock that is missing
+    (shipped catalog) or unreadable, is an error; an entry the lock does not hold yet is a
+    warning (``prompts lock`` records it, ``lock --check`` refuses it). A custom catalog without
+    a lock has nothing to check.
+    """
+    from goflow_gpu.prompts.lock import LOCK_FILE, audit_lock
+
+    path = report.directory / LOCK_FILE
+    if not choice.shipped and not path.is_file():
+        return [], []
+    audit = audit_lock(catalog, path, required=choice.shipped, ignore=report.broken)
+
+    def where(slug: str) -> str:
+        return report.where(slug, ("version",)) if slug in catalog.specs else f"{path}:0"
+
+    errors = [*audit.unusable]
+    errors += [f"{where(slug)}: {why}" for slug, why in audit.refused.items()]
+    warnings = [f"{where(slug)}: {slug}: {why}" for slug, why in audit.stale.items()]
+    return errors, warnings
+
+
 @app.command("render")
 def render(
     slug: Annotated[str, typer.Argument(help="The analysis slug, e.g. object-detection.")],
-    directory: DirOpt = None,
+    directory: PromptsDirOpt = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (machine-readable).")
     ] = False,
+    fallback: FallbackOpt = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Show exactly what a job sends for SLUG: system text, user text, schema and sampling.
 
     These are the texts reported as systemPromptUsed / userPromptUsed. The image goes first in
-    the user turn, before the user text. An unknown slug shows the generic fallback spec.
+    the user turn, before the user text. An unknown slug is an error (exit 2, with the closest
+    slugs) unless --fallback, which shows the generic spec the worker would use for it. Other
+    spec files that do not load are named on stderr but do not stop SLUG.
     """
-    catalog = _load(directory)
-    spec = _spec(catalog, slug)
+    catalog, report = _inspect(_choose(directory, config).directory)
+    spec = _spec(catalog, report, slug, fallback)
     rendered = catalog.render(spec)
     if as_json:
         payload = rendered.model_dump(mode="json")
@@ -181,7 +363,8 @@ def try_spec(
     image: Annotated[
         Path, typer.Argument(help="An image file (JPEG, PNG, ...).", exists=True, dir_okay=False)
     ],
-    directory: DirOpt = None,
+    directory: PromptsDirOpt = None,
+    fallback: FallbackOpt = False,
     config: ConfigOpt = None,
     engine: EngineOpt = None,
     model: ModelOpt = None,
@@ -191,11 +374,12 @@ def try_spec(
 
     Prints the raw model output, the parsed result (boxes converted to the image's own pixels)
     and the QA verdict with its reasons. Greyscale specs get a greyscale copy of IMAGE, as the
-    worker would. Exit code 0 when QA passes, 1 when it fails, 2 for configuration errors.
+    worker would. An unknown slug is an error (with the closest slugs) unless --fallback. Exit
+    code 0 when QA passes, 1 when it fails, 2 for configuration errors and unknown slugs.
     """
     settings = _engine_settings(config, engine, model, openai_base_url)
-    catalog = _load(directory if directory is not None else settings.prompts_dir)
-    spec = _spec(catalog, slug)
+    catalog, report = _inspect(_choose(directory, config, settings).directory)
+    spec = _spec(catalog, report, slug, fallback)
     rendered = catalog.render(spec)
     try:
         outcome = asyncio.run(_run_once(settings, rendered, spec.qa, image))
@@ -258,7 +442,7 @@ def eval_catalog(
             file_okay=False,
         ),
     ],
-    directory: DirOpt = None,
+    directory: PromptsDirOpt = None,
     baseline: Annotated[
         Path | None,
         typer.Option(
@@ -315,9 +499,10 @@ def eval_catalog(
     from goflow_gpu.evaluation.scoring import compare
 
     settings = _engine_settings(config, engine, model, openai_base_url)
-    candidate = _load(directory if directory is not None else settings.prompts_dir)
+    candidate = _load(_choose(directory, config, settings).directory)
     runs: list[tuple[str, Catalog]] = [(_catalog_name(candidate, "candidate"), candidate)]
     if baseline is not None:
+        typer.echo(f"baseline catalog: {baseline.resolve()} (--baseline)", err=True)
         base = _load(baseline)
         runs.append((_catalog_name(base, "baseline"), base))
     try:
@@ -478,7 +663,7 @@ def _project_root() -> Path | None:
 
 @app.command("budget")
 def budget(
-    directory: DirOpt = None,
+    directory: PromptsDirOpt = None,
     tokenizer: Annotated[
         Path | None,
         typer.Option(
@@ -519,7 +704,7 @@ def budget(
         render_json,
     )
 
-    catalog = _load(directory)
+    catalog = _load(_choose(directory, config).directory)
     try:
         if tokenizer is not None:
             folder, label = tokenizer, f"{tokenizer}"
@@ -574,7 +759,7 @@ def _configured_model(config: Path | None) -> str | None:
 
 @app.command("reference")
 def reference(
-    directory: DirOpt = None,
+    directory: PromptsDirOpt = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -588,6 +773,7 @@ def reference(
         bool,
         typer.Option("--check", help="Write nothing; exit 1 when the file is not current."),
     ] = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Generate the customer-facing reference of the analysis types (docs/ANALYSES.md).
 
@@ -596,11 +782,20 @@ def reference(
     log-probabilities, worker) and meaning. Meanings come from the specs: each json_schema
     property's description, each qa.computed / qa.logprob_confidence entry's description, the
     pixel fact registry. A field without a description is an error (all are listed, exit 1).
-    CI checks the checked-in file is current (--check).
+    CI checks the checked-in file is current (--check). The default --out is for the shipped
+    catalog only: another catalog's reference needs an explicit --out.
     """
     from goflow_gpu.prompts.reference import ReferenceError, render_reference
 
-    catalog = _load(directory)
+    choice = _choose(directory, config)
+    catalog = _load(choice.directory)
+    if out is None and not choice.shipped:
+        typer.echo(
+            f"error: docs/ANALYSES.md describes the shipped catalog, not {choice.path}: pass "
+            "--out for this one",
+            err=True,
+        )
+        raise typer.Exit(2)
     target = out if out is not None else _default_doc("ANALYSES.md")
     try:
         text = render_reference(catalog)
@@ -648,7 +843,7 @@ def _check_current(target: Path, text: str, command: str) -> None:
 
 @app.command("lock")
 def lock(
-    directory: DirOpt = None,
+    directory: PromptsDirOpt = None,
     check: Annotated[
         bool, typer.Option("--check", help="Write nothing; exit 1 when the lock is not current.")
     ] = False,
@@ -658,7 +853,7 @@ def lock(
             "--changelog",
             help="The changelog that must have an entry per (slug, version). Default: "
             "docs/ANALYSES-CHANGELOG.md of the source checkout for the shipped catalog; none "
-            "for another --dir.",
+            "for another catalog.",
             show_default=False,
         ),
     ] = None,
@@ -670,6 +865,7 @@ def lock(
             "version that has never shipped.",
         ),
     ] = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Record each spec's version and content hash in the catalog's _catalog.lock.
 
@@ -683,34 +879,31 @@ def lock(
     from goflow_gpu.prompts.lock import (
         LOCK_FILE,
         LockError,
-        check_lock,
+        audit_lock,
         missing_changelog_entries,
-        read_lock,
         update_lock,
     )
 
-    catalog = _load(directory)
-    if changelog is None and directory is None and _project_root() is not None:
+    choice = _choose(directory, config)
+    catalog = _load(choice.directory)
+    if changelog is None and choice.shipped and _project_root() is not None:
         changelog = _default_doc("ANALYSES-CHANGELOG.md")
     path = catalog.source / LOCK_FILE
+    if check:
+        # The same audit as `prompts validate`, every finding an error here.
+        audit = audit_lock(catalog, path, required=True, changelog=changelog)
+        if audit.problems():
+            _fail(audit.problems(), f"{path} is not current; run `goflow-gpu prompts lock`")
+        typer.echo(f"{path} is current ({len(catalog.specs)} specs)")
+        return
     try:
         missing = missing_changelog_entries(catalog, changelog) if changelog else []
-        if check:
-            state = check_lock(catalog, read_lock(path))
-            problems = [*state.refused, *missing]
-            problems += [f"{slug}: not as locked" for slug in state.changed]
-        else:
-            if missing:
-                raise LockError(missing)
-            state = update_lock(catalog, path, force=force)
-            problems = []
+        if missing:
+            raise LockError(missing)
+        state = update_lock(catalog, path, force=force)
     except LockError as exc:
         _fail(exc.problems, f"{len(exc.problems)} problem(s): {path} was not written")
-    if problems:
-        _fail(problems, f"{path} is not current; run `goflow-gpu prompts lock`")
-    if check:
-        typer.echo(f"{path} is current ({len(state.entries)} specs)")
-    elif state.changed:
+    if state.changed:
         typer.echo(f"wrote {path}: {', '.join(state.changed)} updated")
     else:
         typer.echo(f"{path} is current ({len(state.entries)} specs)")

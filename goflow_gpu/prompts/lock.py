@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -60,18 +61,23 @@ class Locked:
 class LockCheck:
     """How a catalog compares with its lock.
 
-    ``refused``: content changed without a version bump, or a version went down (the lock is
-    not rewritten). ``changed``: slugs whose entry differs (new, re-versioned or removed);
-    a lock is current when both are empty.
+    ``refusals``: why, by slug, when content changed without a version bump or a version went
+    down (the lock is not rewritten). ``changed``: slugs whose entry differs (new, re-versioned
+    or removed); a lock is current when both are empty.
     """
 
     entries: dict[str, Locked]
-    refused: list[str] = field(default_factory=list)
+    refusals: dict[str, str] = field(default_factory=dict)
     changed: list[str] = field(default_factory=list)
 
     @property
+    def refused(self) -> list[str]:
+        """One ``slug: why`` line per refusal."""
+        return [f"{slug}: {why}" for slug, why in self.refusals.items()]
+
+    @property
     def current(self) -> bool:
-        return not self.refused and not self.changed
+        return not self.refusals and not self.changed
 
 
 def content_hash(spec: PromptSpec, system_prompt: str) -> str:
@@ -127,13 +133,13 @@ def check_lock(catalog: Catalog, locked: dict[str, Locked]) -> LockCheck:
         if old is None:
             check.changed.append(slug)
         elif entry.version < old.version:
-            check.refused.append(
-                f"{slug}: version {entry.version} is below the locked version {old.version}; "
+            check.refusals[slug] = (
+                f"version {entry.version} is below the locked version {old.version}; "
                 "versions only go up"
             )
         elif entry.sha256 != old.sha256 and entry.version == old.version:
-            check.refused.append(
-                f"{slug}: the spec's content changed but its version is still {entry.version}; "
+            check.refusals[slug] = (
+                f"the spec's content changed but its version is still {entry.version}; "
                 f"raise `version` in {slug}.yaml and add an entry for it to "
                 "docs/ANALYSES-CHANGELOG.md"
             )
@@ -141,6 +147,81 @@ def check_lock(catalog: Catalog, locked: dict[str, Locked]) -> LockCheck:
             check.changed.append(slug)
     check.changed.extend(sorted(set(locked) - set(entries)))
     return check
+
+
+@dataclass
+class LockAudit:
+    """What ``prompts validate`` and ``prompts lock --check`` say about a catalog's lock.
+
+    ``unusable``: the lock is missing where one is required, or cannot be read. ``refused``:
+    why, by slug (:attr:`LockCheck.refusals`). ``stale``: by slug, entries the lock does not
+    hold yet (a new spec, a raised version) or holds for a spec that is gone: `prompts lock`
+    brings them in. ``changelog``: versions without a changelog entry (when one was given).
+    """
+
+    path: Path
+    unusable: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    stale: dict[str, str] = field(default_factory=dict)
+    changelog: list[str] = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        """Every finding, one line each (``slug: ...`` for the per-spec ones)."""
+        return [
+            *self.unusable,
+            *(f"{slug}: {why}" for slug, why in self.refused.items()),
+            *self.changelog,
+            *(f"{slug}: {why}" for slug, why in self.stale.items()),
+        ]
+
+
+def audit_lock(
+    catalog: Catalog,
+    path: Path | None = None,
+    *,
+    required: bool = True,
+    changelog: Path | None = None,
+    ignore: Collection[str] = (),
+) -> LockAudit:
+    """Compare ``catalog`` with its lock (default: ``_catalog.lock`` in its directory).
+
+    ``required``: a missing lock is a problem (the shipped catalog); otherwise a catalog
+    without a lock has nothing to check. ``ignore``: slugs to leave out (spec files that do not
+    load, whose problems are reported on their own). The one comparison ``prompts validate``
+    and ``prompts lock --check`` share.
+    """
+    path = path if path is not None else catalog.source / LOCK_FILE
+    audit = LockAudit(path)
+    if changelog is not None:
+        audit.changelog = missing_changelog_entries(catalog, changelog)
+    if not path.is_file():
+        if required:
+            audit.unusable.append(
+                f"{path}:0: missing: the lock of versions and content hashes; run "
+                "`goflow-gpu prompts lock`"
+            )
+        return audit
+    try:
+        locked = read_lock(path)
+    except LockError as exc:
+        audit.unusable.extend(exc.problems)
+        return audit
+    check = check_lock(catalog, locked)
+    audit.refused = {slug: why for slug, why in check.refusals.items() if slug not in ignore}
+    for slug in check.changed:
+        if slug in ignore:
+            continue
+        old, new = locked.get(slug), check.entries.get(slug)
+        if old is None:
+            audit.stale[slug] = "not in the lock yet; run `goflow-gpu prompts lock`"
+        elif new is None:
+            audit.stale[slug] = "in the lock but not in the catalog; run `goflow-gpu prompts lock`"
+        else:
+            audit.stale[slug] = (
+                f"version {new.version} is not locked yet (locked: {old.version}); run "
+                "`goflow-gpu prompts lock`"
+            )
+    return audit
 
 
 def update_lock(catalog: Catalog, path: Path | None = None, *, force: bool = False) -> LockCheck:
@@ -154,8 +235,8 @@ def update_lock(catalog: Catalog, path: Path | None = None, *, force: bool = Fal
     check = check_lock(catalog, read_lock(path))
     if check.refused and not force:
         raise LockError(check.refused)
-    if force and check.refused:
-        check.changed.extend(line.split(":", 1)[0] for line in check.refused)
+    if force and check.refusals:
+        check.changed.extend(check.refusals)
     if check.changed or not path.is_file():
         path.write_text(render_lock(check.entries), encoding="utf-8")
     return check
