@@ -862,6 +862,10 @@ def test_cli_refuses_to_start_without_a_key_or_with_bad_faults(
     assert "ROUTE:KEY=VALUE" in help_text
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_cli_serves_until_interrupted() -> None:
     env = {**os.environ, "GOFLOW_API_KEY": KEY}
     process = subprocess.Popen(
@@ -880,6 +884,9 @@ def test_cli_serves_until_interrupted() -> None:
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        # A shell's background job (`make test &`, some CI launchers) starts with SIGINT
+        # ignored and a child inherits that: the simulator would never see the Ctrl-C below.
+        preexec_fn=_default_sigint,
     )
     try:
         assert process.stdout is not None
@@ -890,7 +897,12 @@ def test_cli_serves_until_interrupted() -> None:
         assert _get_json(base_url + f"{API}/next-job", KEY)["project"]["id"] == projects[0]
         assert KEY not in "".join(lines)
         process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=10)
+        try:
+            output, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            rest, _ = process.communicate()
+            pytest.fail(f"the simulator did not stop on SIGINT within 30 s; its output: {rest!r}")
     finally:
         if process.poll() is None:
             process.kill()
