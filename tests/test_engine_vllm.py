@@ -78,7 +78,7 @@ def _settings(model_dir: Path) -> Settings:
         model_label="tiny-test",
         max_model_len=2048,
         max_num_seqs=8,
-        gpu_memory_utilization=0.2,
+        gpu_memory_utilization=0.1,
         enforce_eager=True,
         min_pixels=MIN_PIXELS,
         max_pixels=MAX_PIXELS,

@@ -50,7 +50,7 @@ def test_run_on_vllm_with_json_logs_writes_only_json_to_stderr(
                 "model": str(tiny_model_dir),
                 "max_model_len": 4096,
                 "max_num_seqs": 16,
-                "gpu_memory_utilization": 0.2,
+                "gpu_memory_utilization": 0.1,
                 "enforce_eager": True,
                 "min_pixels": 56 * 56,
                 "max_pixels": 224 * 224,

@@ -275,7 +275,7 @@ def test_eval_runs_the_starter_set_through_the_tiny_vllm_model(
                 "max_model_len": 4096,
                 "max_num_seqs": 16,
                 "max_in_flight": 24,
-                "gpu_memory_utilization": 0.2,
+                "gpu_memory_utilization": 0.1,
                 "enforce_eager": True,
                 "min_pixels": 56 * 56,
                 "max_pixels": 224 * 224,
