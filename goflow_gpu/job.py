@@ -39,11 +39,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from goflow_gpu.answers import Decision, Endpoint, decide
 from goflow_gpu.client import GoFlowClient
@@ -73,6 +72,9 @@ from goflow_gpu.protocol import (
 from goflow_gpu.reporting import build_report
 from goflow_gpu.retry import sleep_unless_stopped
 from goflow_gpu.store import TERMINAL_STATES, ComboKey, ComboRow, Outcomes, Store
+
+if TYPE_CHECKING:
+    from goflow_gpu.prompts.pixels import FactCache
 
 log = get_logger(__name__)
 
@@ -187,8 +189,7 @@ class JobRunner:
         self._in_flight: set[asyncio.Future[InferenceResult]] = set()
         self._aborting = False  # the drain timeout passed: in-flight requests were aborted
         self._post_cutoff = asyncio.Event()  # the drain timeout passed: no new POSTs
-        # Pixel facts by image file (a few images of a job are in flight at once, media-major).
-        self._facts: OrderedDict[Path, dict[str, Any]] = OrderedDict()
+        self._facts: FactCache | None = None  # pixel facts by image file, made when needed
 
     # -- status -------------------------------------------------------------------------------
 
@@ -686,16 +687,14 @@ class JobRunner:
 
     async def _pixel_facts(self, path: Path, rules: QARules) -> dict[str, Any]:
         """The image's pixel facts the rules name, computed once per image (off the loop)."""
-        from goflow_gpu.prompts.pixels import compute_facts  # numpy: only when a spec needs it
+        if self._facts is None:
+            from goflow_gpu.prompts.pixels import FactCache  # numpy: only when a spec needs it
 
-        known = self._facts.get(path, {})
-        missing = sorted(set(rules.pixel_facts.values()) - set(known))
-        if missing:
-            known = {**known, **await asyncio.to_thread(compute_facts, path, missing)}
-            self._facts[path] = known
-        self._facts.move_to_end(path)
-        while len(self._facts) > 64:
-            self._facts.popitem(last=False)
+            self._facts = FactCache()
+        names = rules.pixel_facts.values()
+        known = self._facts.cached(path, names)
+        if known is None:
+            known = await asyncio.to_thread(self._facts.get, path, names)
         return known
 
     async def _engine_failed(

@@ -505,3 +505,38 @@ def test_every_value_matches_its_schema(tmp_path: Path, img: Image.Image) -> Non
     assert list(facts) == list(FACTS)
     for name, value in facts.items():
         jsonschema.validate(value, FACTS[name].json_schema)
+
+
+def test_the_fact_cache_computes_each_fact_of_a_file_once_and_forgets_the_oldest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from goflow_gpu.prompts import pixels
+
+    files = []
+    for index in range(3):
+        path = tmp_path / f"{index}.png"
+        Image.new("RGB", (40, 30), (200, 0, 0)).save(path)
+        files.append(path)
+    calls: list[tuple[str, list[str]]] = []
+    real = pixels.compute_facts
+
+    def counting(path: Path, names: Any) -> dict[str, Any]:
+        calls.append((path.name, list(names)))
+        return real(path, names)
+
+    monkeypatch.setattr(pixels, "compute_facts", counting)
+    cache = pixels.FactCache(max_images=2)
+    assert cache.cached(files[0], ["orientation"]) is None
+    assert cache.get(files[0], ["orientation"]) == {"orientation": "landscape"}
+    assert cache.cached(files[0], ["orientation"]) == {"orientation": "landscape"}
+    assert cache.cached(files[0], ["orientation", "resolution"]) is None
+    assert cache.get(files[0], ["orientation", "resolution"])["resolution"]["width"] == 40
+    cache.get(files[1], ["orientation"])
+    cache.get(files[2], ["orientation"])  # the third file: the first is forgotten
+    assert cache.cached(files[0], ["orientation"]) is None
+    assert calls == [
+        ("0.png", ["orientation"]),
+        ("0.png", ["resolution"]),
+        ("1.png", ["orientation"]),
+        ("2.png", ["orientation"]),
+    ]

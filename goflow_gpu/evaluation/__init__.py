@@ -50,11 +50,11 @@ from goflow_gpu.evaluation.scoring import (
     ScoredAnswer,
     ScoringRules,
     compare,
-    iou,
     score_fields,
     score_run,
     summarise,
 )
+from goflow_gpu.prompts.geometry import iou
 
 __all__ = [
     "ALL",

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from goflow_gpu.engines.base import Engine, InferenceRequest, InferenceResult, Sampling
 from goflow_gpu.errors import MediaError
@@ -27,6 +27,9 @@ from goflow_gpu.evaluation.scoring import Answer
 from goflow_gpu.prompts.catalog import Catalog
 from goflow_gpu.prompts.qa import QAVerdict, judge, parse_json_output, schema_reasons
 from goflow_gpu.prompts.spec import QARules, RenderedPrompt
+
+if TYPE_CHECKING:
+    from goflow_gpu.prompts.pixels import FactCache
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class Images:
         self.workdir = workdir
         self._greyscale: dict[Path, Path] = {}
         self._sizes: dict[Path, tuple[int, int]] = {}
-        self._facts: dict[Path, dict[str, Any]] = {}
+        self._facts: FactCache | None = None
 
     def size(self, image: Path) -> tuple[int, int]:
         """The original ``(width, height)``; raises :class:`MediaError` naming the file."""
@@ -63,13 +66,11 @@ class Images:
 
     def facts(self, image: Path, names: Iterable[str]) -> dict[str, Any]:
         """The pixel facts ``names`` of ``image`` (the original file), computed once each."""
-        from goflow_gpu.prompts.pixels import compute_facts
+        if self._facts is None:
+            from goflow_gpu.prompts.pixels import FactCache
 
-        known = self._facts.setdefault(image, {})
-        missing = sorted(set(names) - set(known))
-        if missing:
-            known.update(compute_facts(image, missing))
-        return known
+            self._facts = FactCache(max_images=None)  # a labelled set is small: keep it all
+        return self._facts.get(image, names)
 
     def path(self, image: Path, variant: str) -> Path:
         """The file to send for ``variant`` (``optimised`` or ``greyscale``)."""

@@ -46,6 +46,7 @@ from goflow_gpu.evaluation.fields import (
     plan_fields,
 )
 from goflow_gpu.evaluation.labels import EvalSetError, LabelledImage
+from goflow_gpu.prompts.geometry import iou
 from goflow_gpu.prompts.qa import WARNINGS_KEY
 
 ALL = "all"
@@ -234,17 +235,6 @@ def score_fields(
     except FieldError as exc:
         raise EvalSetError(f"label does not fit the schema: {exc}") from None
     return [_score_rule(rule, result, rules) for rule in plan]
-
-
-def iou(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
-    """Intersection over union of two ``{x, y, width, height}`` boxes."""
-    ax1, ay1, aw, ah = (float(a[k]) for k in ("x", "y", "width", "height"))
-    bx1, by1, bw, bh = (float(b[k]) for k in ("x", "y", "width", "height"))
-    inter_w = max(0.0, min(ax1 + aw, bx1 + bw) - max(ax1, bx1))
-    inter_h = max(0.0, min(ay1 + ah, by1 + bh) - max(ay1, by1))
-    inter = inter_w * inter_h
-    union = aw * ah + bw * bh - inter
-    return inter / union if union > 0 else 0.0
 
 
 _MISSING: Any = object()

@@ -24,14 +24,34 @@ _MISSING = object()
 def apply_computed(result: dict[str, Any], computed: list[Computed]) -> None:
     """Add every computed field to ``result`` (in place), in the order listed."""
     for entry in computed:
-        if "[]." in entry.field:
-            list_name, leaf = entry.field.split("[].", 1)
-            items = result.get(list_name)
-            for item in items if isinstance(items, list) else []:
-                if isinstance(item, dict):
-                    item[leaf] = _value(entry, read_path(item, entry.source))
-        else:
-            result[entry.field] = _value(entry, read_path(result, entry.source))
+        for _, holder, leaf in holders(result, entry.field):
+            holder[leaf] = _value(entry, read_path(holder, entry.source))
+
+
+def holders(
+    result: dict[str, Any], field: str
+) -> list[tuple[tuple[str | int, ...], dict[str, Any], str]]:
+    """The objects that hold ``field`` (``a``, or ``list[].a``: every item of ``list``), each
+    as (its path in ``result``, the object, the key in it). Paths of the spec's rules that name
+    a result field (computed, confidence, count checks) all read this way."""
+    if "[]." not in field:
+        return [((), result, field)]
+    name, leaf = field.split("[].", 1)
+    items = result.get(name)
+    if not isinstance(items, list):
+        return []
+    return [((name, i), item, leaf) for i, item in enumerate(items) if isinstance(item, dict)]
+
+
+def insert_after(node: dict[str, Any], anchor: str, key: str, value: Any) -> None:
+    """Set ``node[key]`` right after ``anchor`` (at the end when ``anchor`` is absent), keeping
+    the order of the other keys: a confidence follows the value it rates, in results and in
+    the result schema alike."""
+    items = [(k, v) for k, v in node.items() if k != key]
+    at = next((i + 1 for i, (k, _) in enumerate(items) if k == anchor), len(items))
+    items.insert(at, (key, value))
+    node.clear()
+    node.update(items)
 
 
 def read_path(node: Any, source: str) -> Any:
@@ -123,4 +143,4 @@ def computed_type(entry: Computed, source_schema: dict[str, Any] | None) -> dict
     return {"type": "number"}
 
 
-__all__ = ["apply_computed", "computed_type", "read_path"]
+__all__ = ["apply_computed", "computed_type", "holders", "insert_after", "read_path"]

@@ -12,7 +12,7 @@ pixels; :func:`to_model_corners` is the way back.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from goflow_gpu.errors import MediaError
@@ -138,3 +138,17 @@ def _scaled(value: float, from_side: int, to_side: int) -> int:
     if isinstance(value, int):
         return (2 * value * to_side + from_side) // (2 * from_side)
     return math.floor(value * to_side / from_side + 0.5)
+
+
+def iou(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
+    """Intersection over union of two ``{x, y, width, height}`` boxes (0 when both are empty).
+
+    QA uses it to tell the same detection listed twice; the evaluation to match predicted boxes
+    with labelled ones."""
+    ax1, ay1, aw, ah = (float(a[k]) for k in ("x", "y", "width", "height"))
+    bx1, by1, bw, bh = (float(b[k]) for k in ("x", "y", "width", "height"))
+    inter_w = max(0.0, min(ax1 + aw, bx1 + bw) - max(ax1, bx1))
+    inter_h = max(0.0, min(ay1 + ah, by1 + bh) - max(ay1, by1))
+    inter = inter_w * inter_h
+    union = aw * ah + bw * bh - inter
+    return inter / union if union > 0 else 0.0

@@ -42,6 +42,8 @@ The methods:
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -565,3 +567,42 @@ def compute_facts(path: Path, names: Iterable[str]) -> dict[str, Any]:
         return {}
     pixels = load_pixels(path)
     return {name: FACTS[name].compute(pixels) for name in wanted}
+
+
+class FactCache:
+    """The pixel facts of image files, each fact computed once per file.
+
+    The worker asks from the event loop (:meth:`cached` first, then :meth:`get` in a thread,
+    so a hit costs no thread hop), the evaluation directly. ``max_images`` bounds what is kept
+    (``None``: everything): a job works media-major, so only its last few images are asked
+    again. Thread-safe.
+    """
+
+    def __init__(self, max_images: int | None = 64) -> None:
+        self.max_images = max_images
+        self._facts: OrderedDict[Path, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def cached(self, path: Path, names: Iterable[str]) -> dict[str, Any] | None:
+        """The facts of ``path`` when every one of ``names`` is known already, else None."""
+        with self._lock:
+            known = self._facts.get(path)
+            if known is None or not set(names) <= set(known):
+                return None
+            self._facts.move_to_end(path)
+            return known
+
+    def get(self, path: Path, names: Iterable[str]) -> dict[str, Any]:
+        """The facts of ``path`` including ``names``, computing the missing ones."""
+        wanted = set(names)
+        with self._lock:
+            known = dict(self._facts.get(path, {}))
+        missing = sorted(wanted - set(known))
+        if missing:
+            known.update(compute_facts(path, missing))
+        with self._lock:
+            self._facts[path] = {**self._facts.get(path, {}), **known}
+            self._facts.move_to_end(path)
+            while self.max_images is not None and len(self._facts) > self.max_images:
+                self._facts.popitem(last=False)
+            return self._facts[path]

@@ -42,11 +42,12 @@ from jsonschema.exceptions import ValidationError as SchemaViolation
 
 from goflow_gpu.engines.base import InferenceResult
 from goflow_gpu.prompts.confidence import span_probability, value_spans
-from goflow_gpu.prompts.derive import apply_computed, read_path
+from goflow_gpu.prompts.derive import apply_computed, holders, insert_after, read_path
 from goflow_gpu.prompts.geometry import (
     WIRE_BOX_KEY,
     WIRE_POINT_KEY,
     WIRE_POINTS_KEY,
+    iou,
     smart_resize,
     to_wire_box,
     to_wire_point,
@@ -442,22 +443,12 @@ def _same_item(first: Any, second: Any, distinct: bool) -> bool:
     if _token(rest_a) != _token(rest_b):
         return False
     if isinstance(box_a, dict) and isinstance(box_b, dict):
-        return _iou(box_a, box_b) >= DUPLICATE_IOU
+        return iou(box_a, box_b) >= DUPLICATE_IOU
     return True  # a distinct list's items with equal fields (confidences aside)
 
 
 def _token(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False).lower()
-
-
-def _iou(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
-    ax2, ay2 = a["x"] + a["width"], a["y"] + a["height"]
-    bx2, by2 = b["x"] + b["width"], b["y"] + b["height"]
-    inter_w = max(0, min(ax2, bx2) - max(a["x"], b["x"]))
-    inter_h = max(0, min(ay2, by2) - max(a["y"], b["y"]))
-    inter = inter_w * inter_h
-    union = a["width"] * a["height"] + b["width"] * b["height"] - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _cross_field(
@@ -467,7 +458,8 @@ def _cross_field(
     the secondary ones. The evidence wins; each change is a warning."""
     for check in qa.counts:
         bins = _enum_at(schema, check.bin)
-        for where, holder in _holders(result, check.bin):
+        for place, holder, _ in holders(result, check.bin):
+            where = f"{_path_text(list(place))}." if place else ""
             _check_count(holder, check, bins, where, warnings)
     for rule in qa.exclusions:
         items = result.get(rule.within)
@@ -477,17 +469,6 @@ def _cross_field(
             if len(kept) < len(items):
                 warnings.append(f"{rule.within}: removed {value!r}, already given as {rule.value}")
                 items[:] = kept
-
-
-def _holders(result: dict[str, Any], path: str) -> list[tuple[str, dict[str, Any]]]:
-    """The objects holding the field of ``path`` (``a`` or ``list[].a``), with their place."""
-    if "[]." not in path:
-        return [("", result)]
-    name = path.split("[].", 1)[0]
-    items = result.get(name)
-    if not isinstance(items, list):
-        return []
-    return [(f"{name}[{i}].", item) for i, item in enumerate(items) if isinstance(item, dict)]
 
 
 def _enum_at(schema: dict[str, Any], path: str) -> list[str]:
@@ -570,22 +551,9 @@ def _add_confidences(
         return None if probability is None else round(probability, 3)
 
     for entry in qa.logprob_confidence:
-        if "[]." in entry.field:
-            name, leaf = entry.field.split("[].", 1)
-            items = result.get(name)
-            for index, item in enumerate(items if isinstance(items, list) else []):
-                if isinstance(item, dict) and entry.value in item:
-                    _insert_after(item, entry.value, leaf, rate((name, index, entry.value)))
-        elif entry.value in result:
-            _insert_after(result, entry.value, entry.field, rate((entry.value,)))
-
-
-def _insert_after(node: dict[str, Any], anchor: str, key: str, value: Any) -> None:
-    items = [(k, v) for k, v in node.items() if k != key]
-    at = next(i for i, (k, _) in enumerate(items) if k == anchor) + 1
-    items.insert(at, (key, value))
-    node.clear()
-    node.update(items)
+        for place, holder, leaf in holders(result, entry.field):
+            if entry.value in holder:
+                insert_after(holder, entry.value, leaf, rate((*place, entry.value)))
 
 
 def _rename(node: dict[str, Any], key: str, new_key: str, value: Any) -> None:

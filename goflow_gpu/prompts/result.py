@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from goflow_gpu.prompts.derive import computed_type
+from goflow_gpu.prompts.derive import computed_type, insert_after
 from goflow_gpu.prompts.geometry import WIRE_BOX_KEY, WIRE_POINT_KEY, WIRE_POINTS_KEY
 from goflow_gpu.prompts.spec import QARules
 
@@ -155,12 +155,7 @@ def _source_items(target: dict[str, Any], source: str) -> dict[str, Any] | None:
 
 
 def _insert_after(target: dict[str, Any], anchor: str, key: str, value: Any) -> None:
-    properties = target.setdefault("properties", {})
-    items = [(k, v) for k, v in properties.items() if k != key]
-    at = next((i + 1 for i, (k, _) in enumerate(items) if k == anchor), len(items))
-    items.insert(at, (key, value))
-    properties.clear()
-    properties.update(items)
+    insert_after(target.setdefault("properties", {}), anchor, key, value)
     target.setdefault("required", []).append(key)
 
 
