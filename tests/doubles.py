@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from goflow_gpu.engines.base import Engine, InferenceRequest, InferenceResult
@@ -183,3 +184,30 @@ def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+def tiny_vllm_config(model_dir: Path, **extra: Any) -> dict[str, Any]:
+    """Settings (a --config file's content) for the tiny model on vLLM's CPU build, as the
+    engine tests that run the real CLI use them: small budgets, 10 % of memory for the KV
+    cache (vLLM refuses to start unless that much is free), eager mode, small pictures."""
+    return {
+        "engine": "vllm",
+        "model": str(model_dir),
+        "max_model_len": 4096,
+        "max_num_seqs": 16,
+        "gpu_memory_utilization": 0.1,
+        "enforce_eager": True,
+        "min_pixels": 56 * 56,
+        "max_pixels": 224 * 224,
+        **extra,
+    }
+
+
+def strict_object(**properties: Any) -> dict[str, Any]:
+    """A JSON schema object with exactly these properties, all required."""
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": list(properties),
+        "properties": properties,
+    }

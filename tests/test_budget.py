@@ -28,6 +28,7 @@ from goflow_gpu.prompts.budget import (
 from goflow_gpu.prompts.catalog import load_catalog
 from goflow_gpu.prompts.cli import app
 from goflow_gpu.prompts.spec import PromptSpec
+from tests.doubles import strict_object
 
 runner = CliRunner()
 
@@ -37,13 +38,7 @@ def chars(text: str) -> int:
     return len(text)
 
 
-def obj(**properties: Any) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "additionalProperties": False,
-        "required": list(properties),
-        "properties": properties,
-    }
+obj = strict_object
 
 
 # --- worst-case instances (character counter) ------------------------------------------------

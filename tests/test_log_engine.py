@@ -29,6 +29,7 @@ import yaml
 
 from goflow_gpu.logs import LIBRARY_LOG
 from goflow_gpu.simulator import SimulatorThread
+from tests.doubles import tiny_vllm_config
 
 pytestmark = pytest.mark.engine
 
@@ -43,21 +44,7 @@ def test_run_on_vllm_with_json_logs_writes_only_json_to_stderr(
 ) -> None:
     manifest = sim_thread.add_job(media=1, analyses=2)
     config = tmp_path / "tiny.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "engine": "vllm",
-                "model": str(tiny_model_dir),
-                "max_model_len": 4096,
-                "max_num_seqs": 16,
-                "gpu_memory_utilization": 0.1,
-                "enforce_eager": True,
-                "min_pixels": 56 * 56,
-                "max_pixels": 224 * 224,
-                "poll_interval_min": 0.2,
-            }
-        )
-    )
+    config.write_text(yaml.safe_dump(tiny_vllm_config(tiny_model_dir, poll_interval_min=0.2)))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_LOGGING", "VLLM_CONFIG"))}
     done = subprocess.run(
         [*_command(), "run", "--config", str(config), "--base-url", sim_thread.base_url,

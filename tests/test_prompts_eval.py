@@ -41,6 +41,7 @@ from typer.testing import CliRunner
 
 from goflow_gpu.cli import app
 from goflow_gpu.prompts.catalog import load_catalog
+from tests.doubles import tiny_vllm_config
 
 MARKER = "Be precise about every box."
 A_SIZE, B_SIZE = (448, 336), (336, 448)
@@ -267,21 +268,7 @@ def test_eval_runs_the_starter_set_through_the_tiny_vllm_model(
         for suffix in (".png", ".yaml"):
             shutil.copy(starter / f"{name}{suffix}", subset / f"{name}{suffix}")
     config = tmp_path / "tiny.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "engine": "vllm",
-                "model": str(tiny_model_dir),
-                "max_model_len": 4096,
-                "max_num_seqs": 16,
-                "max_in_flight": 24,
-                "gpu_memory_utilization": 0.1,
-                "enforce_eager": True,
-                "min_pixels": 56 * 56,
-                "max_pixels": 224 * 224,
-            }
-        )
-    )
+    config.write_text(yaml.safe_dump(tiny_vllm_config(tiny_model_dir, max_in_flight=24)))
     out = tmp_path / "out"
     # A real process: vLLM's engine core writes to the file descriptors, not to a captured
     # sys.stdout, and its log lines must go to stderr, leaving stdout to the command's output.

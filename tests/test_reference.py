@@ -21,6 +21,7 @@ from goflow_gpu.prompts.reference import (
     result_rows,
 )
 from goflow_gpu.prompts.spec import PromptSpec
+from tests.doubles import strict_object
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -32,13 +33,7 @@ class FakeFact:
     json_schema: dict[str, Any]
 
 
-def obj(**properties: Any) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "additionalProperties": False,
-        "required": list(properties),
-        "properties": properties,
-    }
+obj = strict_object
 
 
 CORNERS = {
