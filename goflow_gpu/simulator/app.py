@@ -25,10 +25,15 @@ Every kind of fault, with its ``ledger.calls`` fault label:
   ``fixed``): one route or one media x analysis answers a chosen error, a number of times or
   forever, either instead of recording or after recording (``accept``: "stored, then 409");
 - media faults (``add_job(media_faults=...)``, label = the fault, see ``MEDIA_FAULTS``);
+  they apply to scene jobs too;
 - backend quirks: ``duplicate_detail`` (the duplicate-400 wording), ``upper_ids`` (manifests
   with upper-case ids; the ledger stays lower-case), :meth:`Simulator.reoffer` and
   ``reoffer_closed`` (a finished job handed out again), :meth:`Simulator.forget_project` (404s),
   :meth:`Simulator.revoke_key` (401s), :meth:`Simulator.add_raw_job` (bad manifests).
+
+Scene jobs (``add_job(scenes=True)``) serve labelled scenes
+(:func:`~goflow_gpu.simulator.images.labelled_scene`) as PNG instead of random JPEGs, so what
+the worker reports can be graded against exact ground truth with :meth:`Simulator.grade`.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from email.utils import formatdate
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -75,6 +80,9 @@ from goflow_gpu.simulator.validation import (
     check_status_body,
     parse_json,
 )
+
+if TYPE_CHECKING:
+    from goflow_gpu.evaluation.scenes import GradeSummary
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -132,6 +140,7 @@ class Simulator:
     result submitted twice (default: a sentence with "duplicate submission" and the ids);
     ``upper_ids`` serves manifests with upper-case client/project/media/analysis ids;
     ``reoffer_closed`` hands each job out once more right after its report was accepted.
+    Scene jobs (``add_job(scenes=True)``) serve labelled scenes and are graded by :meth:`grade`.
     Outage windows and fixed answers are added with :meth:`add_outage` and :meth:`fix_answer`.
     Use as ``async with Simulator(key) as sim:`` or :meth:`start` / :meth:`stop`; from sync
     code, wrap it in a ``SimulatorThread``.
@@ -173,6 +182,9 @@ class Simulator:
         self._queue: deque[_Offer | _Raw] = deque()
         self._projects: dict[str, SimJob] = {}
         self._images: dict[tuple[str, str], bytes] = {}
+        # Media of scene jobs -> their scene key; kept past forget_project so grading still works.
+        self._scene_keys: dict[str, str] = {}
+        self._scenes: dict[str, images.LabelledScene] = {}
         self._outages: list[Outage] = []
         self._answers: list[FixedAnswer] = []
         self._accepted: dict[str, int] = dict.fromkeys(ROUTES, 0)
@@ -232,6 +244,7 @@ class Simulator:
         *,
         slugs: list[str] | None = None,
         media_faults: dict[int, str] | None = None,
+        scenes: bool = False,
     ) -> dict[str, Any]:
         """Queue a generated job and return its manifest exactly as next-job will serve it.
 
@@ -239,6 +252,11 @@ class Simulator:
         25) unless ``slugs`` names them. ``media_faults`` maps a media index to one of
         ``MEDIA_FAULTS``; it applies to both variants of that item. With ``upper_ids`` the
         manifest's ids are upper case (the media URLs keep the lower-case ones).
+
+        With ``scenes`` every media item is the labelled scene of :meth:`scene_for`, served as
+        PNG (lossless, so its flat colours stay exact; URLs and filenames end in ``.png``) in
+        the scene's own size, not ``image_long_side``; the greyscale variant is its mode-L copy.
+        Grade what was reported with :meth:`grade`.
         """
         self._jobs_made += 1
         job = build_job(
@@ -250,7 +268,11 @@ class Simulator:
             analyses=analyses,
             slugs=slugs,
             media_faults=media_faults,
+            scenes=scenes,
         )
+        if scenes:
+            for item in job.manifest["media"]:
+                self._scene_keys[item["id"]] = f"{self._seed}:{item['id']}"
         self._projects[job.project_id] = job
         self._queue.append(_Offer(job, self.upper_ids))
         return _served(job, upper=self.upper_ids)
@@ -374,6 +396,62 @@ class Simulator:
     def check_job(self, manifest: dict[str, Any]) -> list[str]:
         """Shortcut for ``self.ledger.check_job(manifest)`` (ids of any case)."""
         return self.ledger.check_job(manifest)
+
+    def scene_for(self, media_id: str) -> images.LabelledScene | None:
+        """The labelled scene served for ``media_id`` (any case), or ``None`` when the item is
+        not of a scene job. The key is ``"SEED:MEDIA_ID"``: same seed and id, same scene."""
+        key = self._scene_keys.get(media_id.lower())
+        if key is None:
+            return None
+        scene = self._scenes.get(key)
+        if scene is None:
+            scene = self._scenes[key] = images.labelled_scene(key)
+        return scene
+
+    def grade(self, manifest: dict[str, Any]) -> dict[str, GradeSummary]:
+        """Grade what the backend accepted for a scene job against its scenes' ground truth.
+
+        Every media x analysis whose slug the scenes label
+        (:func:`~goflow_gpu.evaluation.starter.scene_labels`; others are skipped) is graded by
+        :func:`~goflow_gpu.evaluation.scenes.grade` with the result schema of the shipped
+        catalog's spec: the first accepted result counts (the contract allows one per media x
+        analysis), ``completed`` with its ``analysisResult``, ``failed`` or never accepted as
+        no answer (not right). Media with a media fault are graded too: a worker that could not
+        fetch the picture did not answer it. Summaries are keyed by slug in analysis order.
+        Raises ``ValueError`` when ``manifest`` is not of a scene job of this simulator.
+        """
+        # Imported here: grading needs the catalog and scoring, serving a job does not.
+        from goflow_gpu.evaluation.scenes import grade, summarise
+        from goflow_gpu.evaluation.starter import scene_labels
+        from goflow_gpu.prompts.catalog import load_catalog
+        from goflow_gpu.prompts.result import result_schema
+
+        project = str(manifest["project"]["id"]).lower()
+        scenes: list[tuple[str, images.LabelledScene]] = []
+        for item in manifest["media"]:
+            scene = self.scene_for(str(item["id"]))
+            if scene is None:
+                raise ValueError(
+                    f"grade: project {project} is not a scene job of this simulator "
+                    "(queue one with add_job(scenes=True))"
+                )
+            scenes.append((str(item["id"]).lower(), scene))
+        if not scenes:
+            raise ValueError(f"grade: project {project} has no media to grade")
+        labelled = scene_labels(scenes[0][1])  # the same slugs for every scene
+        specs = load_catalog(None).specs
+        grades = []
+        for analysis in manifest["analyses"]:
+            slug, aid = str(analysis["slug"]), str(analysis["id"]).lower()
+            if slug not in labelled or slug not in specs:
+                continue
+            schema = result_schema(specs[slug].json_schema, specs[slug].qa)
+            for mid, scene in scenes:
+                first = (self.ledger.results.get((project, mid, aid)) or [{}])[0]
+                completed = first.get("status") == "completed"
+                result = first.get("analysisResult") if completed else None
+                grades.append(grade(slug, result, scene, schema))
+        return summarise(grades)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -632,16 +710,18 @@ class Simulator:
 
     async def _media(self, request: web.Request) -> web.StreamResponse:
         pid, mid, file = (request.match_info[k] for k in ("project", "media", "file"))
-        variant = file.removesuffix(".jpg")
         mid = mid.lower()
         job = self._project(pid)
+        suffix = job.suffix if job is not None else ".jpg"
+        variant = file.removesuffix(suffix)
         if (
             job is None
             or mid not in job.media_ids
             or variant not in images.VARIANTS
-            or (not file.endswith(".jpg"))
+            or (not file.endswith(suffix))
         ):
             return _detail(404, f"no such media: {request.path}")
+        content_type = "image/png" if job.scenes else "image/jpeg"
         fixed = self._fixed_answer(request, "media", mid)
         if fixed is not None:
             return fixed
@@ -668,29 +748,41 @@ class Simulator:
             await asyncio.sleep(self._plan.spec("media").slow_seconds)
         body = await self.image_bytes(mid, variant)
         if fault == "truncated":
-            return await self._truncated(request, body)
-        return web.Response(body=body, content_type="image/jpeg")
+            return await self._truncated(request, body, content_type)
+        return web.Response(body=body, content_type=content_type)
 
     async def image_bytes(self, media_id: str, variant: str) -> bytes:
-        """The JPEG served for one media item and variant (generated once, then cached)."""
+        """The image served for one media item and variant (generated once, then cached): a
+        JPEG, or a PNG of the scene for media of a scene job."""
         key = (media_id, variant)
         if key not in self._images:
-            picture = await asyncio.to_thread(
-                images.render, f"{self._seed}:{media_id}", self.image_long_side
-            )
+            png = media_id in self._scene_keys
+            if png:
+                scene = await asyncio.to_thread(self.scene_for, media_id)
+                assert scene is not None  # a scene key exists
+                picture = scene.image
+            else:
+                picture = await asyncio.to_thread(
+                    images.render, f"{self._seed}:{media_id}", self.image_long_side
+                )
             for name in images.VARIANTS:
                 self._images[(media_id, name)] = await asyncio.to_thread(
-                    images.encode, picture, name
+                    images.encode, picture, name, png
                 )
         return self._images[key]
 
     def image_size(self, media_id: str) -> tuple[int, int]:
         """``(width, height)`` of the pictures of ``media_id`` (both variants)."""
+        scene = self.scene_for(media_id)
+        if scene is not None:
+            return scene.image.size
         return images.picture_size(f"{self._seed}:{media_id}", self.image_long_side)
 
     @staticmethod
-    async def _truncated(request: web.Request, body: bytes) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+    async def _truncated(
+        request: web.Request, body: bytes, content_type: str
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": content_type})
         response.content_length = len(body)
         await response.prepare(request)
         await response.write(body[: len(body) // 2])
@@ -729,11 +821,15 @@ class Simulator:
             return _detail(422, 'body must be a JSON object like {"media": 3, "analyses": 4}')
         try:
             faults = {int(k): str(v) for k, v in dict(body.get("media_faults") or {}).items()}
+            scenes = body.get("scenes", False)
+            if not isinstance(scenes, bool):
+                raise TypeError(f"scenes must be true or false, got {scenes!r}")
             manifest = self.add_job(
                 int(body.get("media", 3)),
                 int(body.get("analyses", 4)),
                 slugs=body.get("slugs"),
                 media_faults=faults,
+                scenes=scenes,
             )
         except (TypeError, ValueError) as exc:
             return _detail(422, f"cannot make that job: {exc}")

@@ -59,6 +59,14 @@ def simulate(
             "--upper-ids", help="Serve manifests with upper-case client/project/media/analysis ids."
         ),
     ] = False,
+    scenes: Annotated[
+        bool,
+        typer.Option(
+            "--scenes",
+            help="Queue scene jobs: each picture a labelled scene (PNG) with exact ground truth, "
+            "so what the worker reports can be graded (Simulator.grade).",
+        ),
+    ] = False,
     reoffer_closed: Annotated[
         bool,
         typer.Option(
@@ -79,12 +87,13 @@ def simulate(
 
     It implements the agent API of goflow-api.md: X-API-Key check, UUID and body validation
     with 422 details, duplicate-400 for a repeated result, 404s, a queue of generated jobs
-    with real JPEG images, and seeded fault injection. It checks the same key the worker
-    sends, read from GOFLOW_API_KEY (it refuses to start without one). It prints its URL and
-    the queued project ids; point the worker's base URL at it. Everything it accepted is at
-    GET /_sim/ledger; POST /_sim/jobs {"media": 3, "analyses": 4} queues another job; POST
-    /_sim/outages and /_sim/answers {"spec": "..."} add an outage window or a fixed answer
-    (same syntax as below); POST /_sim/reoffer {"project": ID} hands a job out again.
+    with real JPEG images (--scenes: labelled PNG scenes), and seeded fault injection. It
+    checks the same key the worker sends, read from GOFLOW_API_KEY (it refuses to start
+    without one). It prints its URL and the queued project ids; point the worker's base URL
+    at it. Everything it accepted is at GET /_sim/ledger; POST /_sim/jobs {"media": 3,
+    "analyses": 4, "scenes": false} queues another job; POST /_sim/outages and /_sim/answers
+    {"spec": "..."} add an outage window or a fixed answer (same syntax as below); POST
+    /_sim/reoffer {"project": ID} hands a job out again.
 
     \b
     Example:
@@ -178,7 +187,7 @@ def simulate(
             accept=fixed.accept,
         )
     try:
-        asyncio.run(_serve(simulator, host, port, jobs, media, analyses))
+        asyncio.run(_serve(simulator, host, port, jobs, media, analyses, scenes))
     except KeyboardInterrupt:
         typer.echo("simulator stopped")
     except OSError as exc:
@@ -187,14 +196,23 @@ def simulate(
 
 
 async def _serve(
-    simulator: Simulator, host: str, port: int, jobs: int, media: int, analyses: int
+    simulator: Simulator,
+    host: str,
+    port: int,
+    jobs: int,
+    media: int,
+    analyses: int,
+    scenes: bool = False,
 ) -> None:
     base_url = await simulator.start(host, port)
     try:
         typer.echo(f"GoFlow simulator listening on {base_url}")
         for _ in range(jobs):
-            manifest = simulator.add_job(media, analyses)
-            typer.echo(f"queued project {manifest['project']['id']} ({media} media x {analyses})")
+            manifest = simulator.add_job(media, analyses, scenes=scenes)
+            kind = ", labelled scenes" if scenes else ""
+            typer.echo(
+                f"queued project {manifest['project']['id']} ({media} media x {analyses}{kind})"
+            )
         for window in simulator.outages:
             retry = f", Retry-After {window.retry_after}" if window.retry_after else ""
             typer.echo(

@@ -67,12 +67,17 @@ def render(key: str, long_side: tuple[int, int]) -> Image.Image:
     return image
 
 
-def encode(image: Image.Image, variant: Variant) -> bytes:
-    """JPEG bytes of ``image`` in ``variant`` (``greyscale`` converts to mode L)."""
+def encode(image: Image.Image, variant: Variant, png: bool = False) -> bytes:
+    """JPEG bytes of ``image`` in ``variant`` (``greyscale`` converts to mode L); with ``png``
+    PNG bytes instead: lossless, so a scene's flat colours stay exact."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; variants are {VARIANTS}")
     out = io.BytesIO()
-    (image.convert("L") if variant == "greyscale" else image).save(out, "JPEG", quality=85)
+    picture = image.convert("L") if variant == "greyscale" else image
+    if png:
+        picture.save(out, "PNG")
+    else:
+        picture.save(out, "JPEG", quality=85)
     return out.getvalue()
 
 

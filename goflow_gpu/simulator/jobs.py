@@ -34,6 +34,13 @@ class SimJob:
 
     manifest: dict[str, Any]
     media_faults: dict[str, str] = field(default_factory=dict)  # media id -> fault
+    scenes: bool = False
+    """Scene mode: the media are labelled scenes served as PNG (``.png`` URLs), to be graded."""
+
+    @property
+    def suffix(self) -> str:
+        """The file suffix of this job's media URLs (``.png`` for scenes, else ``.jpg``)."""
+        return ".png" if self.scenes else ".jpg"
 
     @property
     def project_id(self) -> str:
@@ -63,12 +70,17 @@ def build_job(
     analyses: int,
     slugs: list[str] | None,
     media_faults: dict[int, str] | None,
+    scenes: bool = False,
 ) -> SimJob:
-    """Generate job ``number`` with fresh ids; media URLs point at ``base_url``."""
+    """Generate job ``number`` with fresh ids; media URLs point at ``base_url``.
+
+    ``scenes`` names the media ``.png`` (URLs and filenames), as the lossless scenes are served.
+    """
     if media < 1:
         raise ValueError(f"a job needs at least one media item, got media={media}")
     kinds = named(slugs) if slugs is not None else first_analyses(analyses)
     project_id = new_id(rng)
+    suffix = ".png" if scenes else ".jpg"
     items = []
     for index in range(media):
         media_id = new_id(rng)
@@ -76,9 +88,9 @@ def build_job(
         items.append(
             {
                 "id": media_id,
-                "filename": f"image-{index + 1:02d}.jpg",
-                "optimised_path": f"{root}/optimised.jpg",
-                "greyscale_path": f"{root}/greyscale.jpg",
+                "filename": f"image-{index + 1:02d}{suffix}",
+                "optimised_path": f"{root}/optimised{suffix}",
+                "greyscale_path": f"{root}/greyscale{suffix}",
             }
         )
     faults: dict[str, str] = {}
@@ -100,4 +112,4 @@ def build_job(
         "media": items,
         "analyses": [{"id": new_id(rng), "name": name, "slug": slug} for slug, name in kinds],
     }
-    return SimJob(manifest=manifest, media_faults=faults)
+    return SimJob(manifest=manifest, media_faults=faults, scenes=scenes)
