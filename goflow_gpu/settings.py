@@ -32,7 +32,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -191,6 +191,20 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"openai_base_url must be an http(s) URL, got {value!r}")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _trained_pixel_budget(self) -> Settings:
+        """A model trained here (``goflow-gpu dev train-tiny``) is served at the pixel budget it
+        was trained at, unless min_pixels / max_pixels are set: its boxes are in the pixels of
+        the image as it saw it, and it has never seen another size."""
+        from goflow_gpu.engines.scene_model import trained_pixel_budget
+
+        budget = trained_pixel_budget(self.model)
+        if budget is not None:
+            for name, value in zip(("min_pixels", "max_pixels"), budget, strict=True):
+                if name not in self.model_fields_set:
+                    object.__setattr__(self, name, value)
+        return self
 
     @field_validator("state_dir", "prompts_dir")
     @classmethod

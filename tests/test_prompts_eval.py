@@ -293,3 +293,15 @@ def test_eval_runs_the_starter_set_through_the_tiny_vllm_model(
     assert summary["all"]["prompt_tokens_per_answer"] > 0
     assert 0.0 <= summary["all"]["field_agreement"] <= 1.0
     assert (out / "report.html").stat().st_size > 0
+
+
+def test_eval_refuses_an_unknown_analysis_before_asking_anything(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["prompts", "eval", str(Path(__file__).resolve().parents[1] / "evalsets" / "starter"),
+         "--analysis", "object-detektion", "--out", str(tmp_path / "out")],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "no analysis 'object-detektion'" in result.output
+    assert "did you mean 'object-detection' or" in result.output
+    assert not (tmp_path / "out").exists()

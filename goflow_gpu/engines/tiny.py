@@ -129,11 +129,24 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _train_tokenizer(vocab_size: int) -> Any:
+def _train_tokenizer(
+    vocab_size: int, corpus: list[str] | None = None, individual_digits: bool = False
+) -> Any:
+    """A byte-level BPE trained on ``corpus`` (default: the built-in one).
+
+    ``individual_digits`` splits every digit into a token of its own before BPE, as Qwen's
+    tokenizer does: a coordinate is then written digit by digit, which a model learns to place.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if individual_digits:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    else:
+        tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
@@ -144,7 +157,7 @@ def _train_tokenizer(vocab_size: int) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(_corpus() if corpus is None else corpus, trainer=trainer)
     return tokenizer
 
 
@@ -175,14 +188,22 @@ def _processor_config(min_pixels: int, max_pixels: int) -> dict[str, Any]:
     }
 
 
-def _write_processor_files(directory: Path, *, vocab_size: int) -> dict[str, int]:
+def _write_processor_files(
+    directory: Path,
+    *,
+    vocab_size: int,
+    corpus: list[str] | None = None,
+    individual_digits: bool = False,
+    min_pixels: int = TINY_MIN_PIXELS,
+    max_pixels: int = TINY_MAX_PIXELS,
+) -> dict[str, int]:
     """Train and save the tokenizer, the processor configs and the chat template.
 
     Returns the ids of the special tokens by name.
     """
     transformers: Any = importlib.import_module("transformers")
 
-    tokenizer = _train_tokenizer(vocab_size)
+    tokenizer = _train_tokenizer(vocab_size, corpus, individual_digits)
     ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -194,7 +215,7 @@ def _write_processor_files(directory: Path, *, vocab_size: int) -> dict[str, int
         padding_side="left",
     )
     fast.save_pretrained(str(directory))
-    processor = _processor_config(TINY_MIN_PIXELS, TINY_MAX_PIXELS)
+    processor = _processor_config(min_pixels, max_pixels)
     (directory / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     video = dict(processor, video_processor_type="Qwen2VLVideoProcessor")
     del video["image_processor_type"]
@@ -227,7 +248,11 @@ def _config_dict(
     }
 
 
-def _tiny_shapes(vocab_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def _tiny_shapes(
+    vocab_size: int, *, layers: int = 2, mlp: int = 256
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Text and vision configs: hidden 128 with 2 heads of 64 in both towers, ``layers``
+    blocks in each, MLP width ``mlp``; full attention in every second vision block."""
     head_dim = 64
     mrope_section = [8, 12, 12]
     # mrope splits head_dim / 2 rotary frequencies into (temporal, height, width) sections.
@@ -235,8 +260,8 @@ def _tiny_shapes(vocab_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
     text: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": 2 * head_dim,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
+        "intermediate_size": mlp,
+        "num_hidden_layers": layers,
         "num_attention_heads": 2,
         "num_key_value_heads": 2,
         "max_position_embeddings": 32768,
@@ -250,9 +275,9 @@ def _tiny_shapes(vocab_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
         },
     }
     vision = {
-        "depth": 2,
+        "depth": layers,
         "hidden_size": 128,
-        "intermediate_size": 256,
+        "intermediate_size": mlp,
         "num_heads": 2,
         "in_channels": 3,
         "patch_size": PATCH_SIZE,
@@ -261,13 +286,15 @@ def _tiny_shapes(vocab_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
         "tokens_per_second": 2,
         "window_size": 112,
         "out_hidden_size": 128,
-        "fullatt_block_indexes": [1],
+        "fullatt_block_indexes": list(range(1, layers, 2)),
         "hidden_act": "silu",
     }
     return text, vision
 
 
-def _write_generation_config(directory: Path, ids: dict[str, int]) -> None:
+def write_generation_config(directory: Path, ids: dict[str, int]) -> None:
+    """Greedy decoding that stops at ``<|im_end|>`` (``save_pretrained`` drops both: call this
+    after it)."""
     generation = {
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
@@ -297,7 +324,7 @@ def build_tiny_model(directory: Path, *, seed: int = 0) -> Path:
     model = transformers.Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
     model.eval()
     model.save_pretrained(str(directory), safe_serialization=True)
-    _write_generation_config(directory, ids)
+    write_generation_config(directory, ids)
     return directory
 
 
@@ -407,7 +434,7 @@ def build_random_model_dir(directory: Path, arch: Literal["3b", "7b"] = "7b") ->
     config = _config_dict(real["text_config"], real["vision_config"], ids)
     config["dtype"] = real["dtype"]
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    _write_generation_config(directory, ids)
+    write_generation_config(directory, ids)
     return directory
 
 

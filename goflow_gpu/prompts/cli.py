@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import difflib
 import functools
 import json
@@ -196,13 +197,7 @@ def _spec(catalog: Catalog, report: CatalogReport, slug: str, fallback: bool) ->
             err=True,
         )
         return fallback_spec(slug)
-    known = sorted({*catalog.specs, *report.broken})
-    close = difflib.get_close_matches(slug, known, n=3, cutoff=0.6)
-    hint = (
-        "did you mean " + " or ".join(f"'{name}'" for name in close) + "?"
-        if close
-        else "`goflow-gpu prompts list` shows the slugs"
-    )
+    hint = _suggest(slug, sorted({*catalog.specs, *report.broken}))
     typer.echo(
         f"error: no analysis '{slug}' in the catalog ({catalog.source}); {hint} "
         "(--fallback shows the generic spec the worker would use for it)",
@@ -474,6 +469,15 @@ def eval_catalog(
             "rates (not for agreement).",
         ),
     ] = False,
+    analysis: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--analysis",
+            "-a",
+            help="Score only this analysis slug (repeat for more); default: every labelled one.",
+            show_default=False,
+        ),
+    ] = None,
     config: ConfigOpt = None,
     engine: EngineOpt = None,
     model: ModelOpt = None,
@@ -507,6 +511,8 @@ def eval_catalog(
         runs.append((_catalog_name(base, "baseline"), base))
     try:
         labelled = load_labelled_set(labelled_set, _schemas(candidate))
+        if analysis:
+            labelled = _only(labelled, analysis, candidate)
         answers = asyncio.run(_evaluate(settings, runs, labelled, every_analysis=every_analysis))
         # The set is labelled for the candidate's results; a baseline with other result
         # fields (an older catalog) is scored on the fields it shares with them.
@@ -529,6 +535,28 @@ def eval_catalog(
             err=True,
         )
         raise typer.Exit(1)
+
+
+def _suggest(slug: str, known: list[str]) -> str:
+    """``did you mean 'x'?`` for a mistyped slug, else where the slugs are listed."""
+    close = difflib.get_close_matches(slug, known, n=3, cutoff=0.6)
+    if close:
+        return "did you mean " + " or ".join(f"'{name}'" for name in close) + "?"
+    return "`goflow-gpu prompts list` shows the slugs"
+
+
+def _only(labelled: list[Any], slugs: list[str], catalog: Catalog) -> list[Any]:
+    """The labelled set with only ``slugs``' labels; an unknown slug is an error (exit 2)."""
+    from goflow_gpu.evaluation.labels import EvalSetError
+
+    for slug in slugs:
+        if slug not in catalog.specs:
+            hint = _suggest(slug, sorted(catalog.specs))
+            raise EvalSetError(f"--analysis: no analysis '{slug}' in the catalog; {hint}")
+    return [
+        dataclasses.replace(image, expected={k: v for k, v in image.expected.items() if k in slugs})
+        for image in labelled
+    ]
 
 
 def _fail(problems: list[str], summary: str) -> NoReturn:

@@ -1,0 +1,405 @@
+"""Train the tiny Qwen2.5-VL on the simulator's labelled scenes (``goflow-gpu dev train-tiny``).
+
+The product's answers on this machine otherwise come from random weights. This trains the tiny
+architecture (:mod:`goflow_gpu.engines.tiny`, 4 blocks per tower, MLP 512) from scratch, on CPU,
+to answer three of the catalog's own analysis types (``LEARNED_ANALYSES`` of
+:mod:`goflow_gpu.engines.scene_answers`) with their real prompts and schemas, so that the
+whole pipeline (pixels -> model-space boxes -> QA -> original pixels -> wire) runs on answers
+that can be graded.
+
+What it does, in order:
+
+1. trains a byte-level BPE on the catalog's texts (system prompt, every user prompt) and sample
+   answers, digits split one per token as Qwen's tokenizer does (coordinates are written digit
+   by digit); the catalog's words become single tokens, which roughly halves the prompt;
+2. writes the processor files at the training pixel budget (``preprocessor_config.json``'s
+   ``min_pixels``/``max_pixels``: serve the model at that budget, or its boxes land elsewhere);
+3. trains on scenes drawn on the fly (keys ``train-<seed>-<n>``; held-out keys ``heldout-<n>``
+   are never drawn for training), each sample one (scene, analysis) rendered exactly as the
+   engines render a request (shared system prompt, image first, the spec's user prompt), the
+   loss on the answer tokens only (:func:`~goflow_gpu.engines.scene_answers.scene_answers`);
+4. every ``eval_every`` steps, greedy answers to held-out scenes go through the worker's own QA
+   (:func:`goflow_gpu.prompts.qa.check_output`) and are graded like the demo grades them
+   (:mod:`goflow_gpu.evaluation.scenes`);
+5. saves the weights (bf16 by default), a ``generation_config.json`` that stops at
+   ``<|im_end|>`` and decodes greedily, and ``training.json`` (the command, the settings, the
+   held-out grades).
+
+Why whole prompts: the worker sends the catalog's long prompts (about 300 tokens of system prompt
+and 150-250 of instructions with this tokenizer); a model trained on a short private prompt would
+meet a different input at serve time. The cost is sequence length, hence the tokenizer trained
+on the catalog and ``logits_to_keep`` (the output head runs on the answer positions only).
+
+Deterministic: a fixed seed orders the data and initialises the weights; two runs on the same
+machine and library versions give the same model (threads are fixed at 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from goflow_gpu.engines.chat import chat_messages
+from goflow_gpu.engines.scene_answers import (
+    LEARNED_ANALYSES,
+    compact,
+    model_size,
+    scene_answers,
+)
+from goflow_gpu.engines.scene_model import TRAINING_FILE
+from goflow_gpu.evaluation.scenes import GradeSummary, grade, summarise
+from goflow_gpu.prompts.catalog import Catalog, load_catalog
+from goflow_gpu.prompts.qa import check_output
+from goflow_gpu.prompts.result import result_schema
+from goflow_gpu.simulator.images import labelled_scene
+
+EVAL_MAX_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the trained model (written to ``training.json``)."""
+
+    steps: int = 1500
+    batch: int = 32
+    lr: float = 2e-3
+    warmup: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    seed: int = 0
+    layers: int = 4
+    mlp: int = 512
+    vocab_size: int = 4096
+    min_pixels: int = 56 * 56
+    max_pixels: int = 168 * 168
+    mix: dict[str, float] = field(
+        default_factory=lambda: {
+            "object-detection": 0.65,
+            "text-recognition": 0.3,
+            "people-count": 0.05,
+        }
+    )
+    eval_every: int = 375
+    eval_scenes: int = 32
+    threads: int = 2
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    slug: str
+
+
+def plan_samples(cfg: TrainConfig) -> Iterator[list[Sample]]:
+    """The training batches, the same for the same seed: each batch asks one analysis (drawn
+    by ``mix``) about ``batch`` new scenes, so answers of one length pad little."""
+    rng = random.Random(f"train-tiny:{cfg.seed}")
+    slugs = list(cfg.mix)
+    weights = [cfg.mix[s] for s in slugs]
+    n = 0
+    for _ in range(cfg.steps):
+        slug = rng.choices(slugs, weights)[0]
+        yield [Sample(f"train-{cfg.seed}-{n + i}", slug) for i in range(cfg.batch)]
+        n += cfg.batch
+
+
+def heldout_keys(count: int) -> list[str]:
+    """Scene keys never drawn for training."""
+    return [f"heldout-{n}" for n in range(count)]
+
+
+def tokenizer_corpus(catalog: Catalog, cfg: TrainConfig) -> list[str]:
+    """Texts the BPE is trained on: the tiny builder's corpus, the catalog, sample answers."""
+    from goflow_gpu.engines.tiny import _corpus
+
+    lines = _corpus()
+    texts = [catalog.system_prompt] + [spec.user_prompt for spec in catalog.specs.values()]
+    lines.extend(texts * 20)
+    for n in range(300):
+        scene = labelled_scene(f"corpus-{n}")
+        for answer in scene_answers(scene, cfg.min_pixels, cfg.max_pixels).values():
+            lines.append(compact(answer))
+    return lines
+
+
+def build_untrained(directory: Path, catalog: Catalog, cfg: TrainConfig) -> Any:
+    """Write the tokenizer and processor files to ``directory``; return the random model."""
+    import torch
+
+    from goflow_gpu.engines import tiny
+
+    transformers: Any = __import__("transformers")
+    directory.mkdir(parents=True, exist_ok=True)
+    ids = tiny._write_processor_files(
+        directory,
+        vocab_size=cfg.vocab_size,
+        corpus=tokenizer_corpus(catalog, cfg),
+        individual_digits=True,
+        min_pixels=cfg.min_pixels,
+        max_pixels=cfg.max_pixels,
+    )
+    text, vision = tiny._tiny_shapes(
+        tiny.tokenizer_vocab_size(directory), layers=cfg.layers, mlp=cfg.mlp
+    )
+    config = transformers.Qwen2_5_VLConfig(**tiny._config_dict(text, vision, ids))
+    torch.manual_seed(cfg.seed)
+    return transformers.Qwen2_5_VLForConditionalGeneration(config).to(torch.float32), ids
+
+
+class Batcher:
+    """Tokenised batches of one analysis each, split at the shared prefix.
+
+    Every request starts with the same tokens (the system turn and ``<|vision_start|>``): they
+    are encoded once per step and their keys and values shared by the whole batch
+    (:func:`answer_loss`), which saves about a third of the work. The rest (image, the spec's
+    prompt, the answer) is left-padded, so every answer ends at the last position and the output
+    head only runs on the last ``keep`` positions.
+    """
+
+    def __init__(self, processor: Any, catalog: Catalog, cfg: TrainConfig) -> None:
+        import torch
+
+        self.processor = processor
+        self.cfg = cfg
+        self.prompts: dict[str, str] = {}
+        for slug in cfg.mix:
+            rendered = catalog.render(catalog.specs[slug])
+            messages = chat_messages(rendered.system_prompt, rendered.user_prompt, True)
+            self.prompts[slug] = str(
+                processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            )
+        heads = {
+            text[: text.index(_VISION_START) + len(_VISION_START)] for text in self.prompts.values()
+        }
+        if len(heads) != 1:
+            raise ValueError("the learned analyses must share one system prompt")
+        self.prefix = heads.pop()
+        self.prefix_ids = torch.tensor([processor.tokenizer(self.prefix)["input_ids"]])
+
+    def __call__(self, samples: list[Sample]) -> dict[str, Any]:
+
+        images, texts, answer_lengths = [], [], []
+        for sample in samples:
+            scene = labelled_scene(sample.key)
+            answer = compact(
+                scene_answers(scene, self.cfg.min_pixels, self.cfg.max_pixels)[sample.slug]
+            )
+            images.append(scene.image)
+            texts.append(self.prompts[sample.slug][len(self.prefix) :] + answer + _END)
+            answer_lengths.append(len(self.processor.tokenizer(answer + _END)["input_ids"]))
+        inputs = dict(self.processor(text=texts, images=images, padding=True, return_tensors="pt"))
+        keep = max(answer_lengths)
+        targets = inputs["input_ids"][:, -keep:].clone()
+        for row, length in enumerate(answer_lengths):
+            targets[row, : keep - length] = -100
+        inputs["targets"] = targets
+        inputs["prefix_ids"] = self.prefix_ids
+        return inputs
+
+
+_VISION_START = "<|vision_start|>"
+_END = "<|im_end|>"
+
+
+def answer_loss(model: Any, batch: dict[str, Any]) -> Any:
+    """Mean cross-entropy of the answer tokens, the shared prefix encoded once."""
+    import torch
+    from transformers import DynamicCache
+
+    inputs = dict(batch)
+    targets, prefix = inputs.pop("targets"), inputs.pop("prefix_ids")
+    rows, plen = inputs["input_ids"].shape[0], prefix.shape[1]
+    full_ids = torch.cat([prefix.expand(rows, -1), inputs["input_ids"]], dim=1)
+    full_mask = torch.cat([torch.ones_like(full_ids[:, :plen]), inputs.pop("attention_mask")], 1)
+    types = torch.cat([torch.zeros_like(full_ids[:, :plen]), inputs.pop("mm_token_type_ids")], 1)
+    positions, _ = model.model.get_rope_index(
+        full_ids, types, image_grid_thw=inputs["image_grid_thw"], attention_mask=full_mask
+    )
+    head = model.model.language_model(
+        input_ids=prefix, position_ids=positions[:, :1, :plen], use_cache=True
+    ).past_key_values
+    shared = DynamicCache()
+    for index, layer in enumerate(head.layers):
+        shared.update(
+            layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), index
+        )
+    keep = targets.shape[1]
+    out = model(
+        **inputs,
+        attention_mask=full_mask,
+        position_ids=positions[:, :, plen:],
+        past_key_values=shared,
+        use_cache=True,
+        logits_to_keep=keep + 1,
+    )
+    logits = out.logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+    )
+
+
+def _prefetch(
+    make: Callable[[list[Sample]], dict[str, Any]], plan: Iterator[list[Sample]]
+) -> Iterator[dict[str, Any]]:
+    """Build the next batch in a thread while the current one trains (the processor's
+    resizing releases the GIL for much of its time)."""
+    ready: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=2)
+
+    def work() -> None:
+        for samples in plan:
+            ready.put(make(samples))
+        ready.put(None)
+
+    threading.Thread(target=work, daemon=True, name="batches").start()
+    while (item := ready.get()) is not None:
+        yield item
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine down to ``min_lr_ratio`` of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    done = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
+    )
+
+
+def evaluate(
+    model: Any,
+    processor: Any,
+    catalog: Catalog,
+    cfg: TrainConfig,
+    keys: list[str],
+    batch: int = 16,
+) -> dict[str, GradeSummary]:
+    """Greedy answers (transformers ``generate``, no grammar) to ``keys`` for every learned
+    analysis, through the worker's QA, graded."""
+    import torch
+
+    grades = []
+    model.eval()
+    prompts = Batcher(processor, catalog, cfg).prompts
+    with torch.no_grad():
+        for slug in cfg.mix:
+            spec = catalog.specs[slug]
+            rendered = catalog.render(spec)
+            schema = result_schema(spec.json_schema, spec.qa)
+            for start in range(0, len(keys), batch):
+                scenes = [labelled_scene(k) for k in keys[start : start + batch]]
+                inputs = processor(
+                    text=[prompts[slug]] * len(scenes),
+                    images=[s.image for s in scenes],
+                    padding=True,
+                    return_tensors="pt",
+                )
+                # The learned answers are at most ~130 tokens: a cap keeps an early, rambling
+                # model from spending the spec's whole budget at every evaluation.
+                budget = min(rendered.max_tokens, EVAL_MAX_TOKENS)
+                out = model.generate(**inputs, max_new_tokens=budget, do_sample=False)
+                texts = processor.batch_decode(
+                    out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+                )
+                for scene, text in zip(scenes, texts, strict=True):
+                    verdict = check_output(
+                        text,
+                        rendered,
+                        spec.qa,
+                        original_size=scene.image.size,
+                        model_size=model_size(scene, cfg.min_pixels, cfg.max_pixels),
+                    )
+                    grades.append(grade(slug, verdict.result, scene, schema))
+    model.train()
+    return summarise(grades)
+
+
+def train(
+    directory: Path,
+    cfg: TrainConfig,
+    *,
+    catalog_dir: Path | None = None,
+    command: str = "",
+    echo: Callable[[str], None] = print,
+) -> dict[str, GradeSummary]:
+    """Train and save the model in ``directory``; returns the final held-out grades."""
+    import torch
+
+    transformers: Any = __import__("transformers")
+    from goflow_gpu.engines.tiny import write_generation_config
+
+    torch.set_num_threads(cfg.threads)
+    catalog = load_catalog(catalog_dir)
+    for slug in cfg.mix:
+        if slug not in LEARNED_ANALYSES:
+            raise ValueError(f"no scene answers for {slug!r}; scenes answer {LEARNED_ANALYSES}")
+    directory = Path(directory)
+    model, ids = build_untrained(directory, catalog, cfg)
+    processor = transformers.AutoProcessor.from_pretrained(str(directory))
+    params = sum(p.numel() for p in model.parameters())
+    echo(f"model: {params / 1e6:.2f} M parameters; tokenizer: {len(processor.tokenizer)} tokens")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": other, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    model.train()
+    batches = _prefetch(Batcher(processor, catalog, cfg), plan_samples(cfg))
+    heldout = heldout_keys(cfg.eval_scenes)
+    started = time.monotonic()
+    running: float | None = None
+    history: list[dict[str, Any]] = []
+    for step, inputs in enumerate(batches):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        loss = answer_loss(model, inputs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        value = float(loss.detach())
+        running = value if running is None else 0.95 * running + 0.05 * value
+        done = step + 1
+        if done % 50 == 0 or done == 1:
+            rate = done / (time.monotonic() - started)
+            left = (cfg.steps - done) / rate
+            echo(
+                f"step {done}/{cfg.steps} loss {running:.4f} "
+                f"({rate:.2f} steps/s, {left / 60:.0f} min left)"
+            )
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            summary = evaluate(model, processor, catalog, cfg, heldout)
+            history.append({"step": done, **{s: g.line() for s, g in summary.items()}})
+            for line in summary.values():
+                echo(f"  held-out {line.line()}")
+    elapsed = time.monotonic() - started
+    final = summary
+    dtype = getattr(torch, cfg.dtype)
+    model.to(dtype).save_pretrained(str(directory), safe_serialization=True)
+    write_generation_config(directory, ids)
+    record = {
+        "command": command,
+        "config": asdict(cfg),
+        "analyses": list(cfg.mix),
+        "pixel_budget": {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels},
+        "minutes": round(elapsed / 60, 1),
+        "heldout": {s: g.figures() for s, g in final.items()},
+        "history": history,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    (directory / TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return final

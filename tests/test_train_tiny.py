@@ -1,0 +1,131 @@
+"""The training script of the tiny scene model: its data, its loss, and what it writes.
+
+The real run takes about an hour; here two steps on a batch of two check the folder it writes
+(loadable, the pixel budget and decoding settings it was trained with, its record), and the
+pieces that decide what it learns are checked on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from goflow_gpu.engines.scene_answers import LEARNED_ANALYSES, compact, scene_answers
+from goflow_gpu.engines.train import (
+    Batcher,
+    Sample,
+    TrainConfig,
+    answer_loss,
+    build_untrained,
+    heldout_keys,
+    lr_at,
+    plan_samples,
+    train,
+)
+from goflow_gpu.prompts.catalog import load_catalog
+from goflow_gpu.settings import load_settings
+from goflow_gpu.simulator.images import labelled_scene
+
+
+def test_batches_are_deterministic_one_analysis_each_and_never_held_out() -> None:
+    cfg = TrainConfig(steps=40, batch=4)
+    first, again = list(plan_samples(cfg)), list(plan_samples(cfg))
+    assert first == again
+    keys = [s.key for batch in first for s in batch]
+    assert len(keys) == len(set(keys)) == 160
+    assert not set(keys) & set(heldout_keys(1000))
+    assert all(len({s.slug for s in batch}) == 1 for batch in first)
+    assert {batch[0].slug for batch in first} == set(LEARNED_ANALYSES)
+    other = list(plan_samples(TrainConfig(steps=40, batch=4, seed=1)))
+    assert [s.key for s in other[0]] != [s.key for s in first[0]]
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth() -> None:
+    cfg = TrainConfig(steps=1100, lr=2e-3, warmup=100, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(2e-5)
+    assert lr_at(99, cfg) == pytest.approx(2e-3)
+    assert lr_at(100, cfg) == pytest.approx(2e-3)
+    assert lr_at(600, cfg) == pytest.approx(2e-3 * (0.1 + 0.9 * 0.5))  # half way: cos = 0
+    assert lr_at(1100, cfg) == pytest.approx(2e-4)
+
+
+@pytest.mark.engine
+def test_the_shared_prefix_loss_equals_the_loss_of_whole_sequences(tmp_path: Path) -> None:
+    """The system turn is encoded once per batch and shared: the loss must be exactly that of
+    the whole sequences, each encoded on its own (position ids and padding included)."""
+    import torch
+    import transformers
+
+    cfg = TrainConfig(batch=3)
+    catalog = load_catalog(None)
+    model, _ids = build_untrained(tmp_path / "m", catalog, cfg)
+    processor = transformers.AutoProcessor.from_pretrained(str(tmp_path / "m"))  # type: ignore[no-untyped-call]
+    batcher = Batcher(processor, catalog, cfg)
+    keys = ["loss-0", "loss-1", "loss-2"]
+    for slug in ("object-detection", "people-count"):
+        samples = [Sample(key, slug) for key in keys]
+        with torch.no_grad():
+            shared = answer_loss(model, batcher(samples))
+        texts, images, lengths = [], [], []
+        for key in keys:
+            scene = labelled_scene(key)
+            answer = compact(scene_answers(scene, cfg.min_pixels, cfg.max_pixels)[slug])
+            texts.append(batcher.prompts[slug] + answer + "<|im_end|>")
+            images.append(scene.image)
+            lengths.append(len(processor.tokenizer(answer + "<|im_end|>")["input_ids"]))
+        whole = processor(text=texts, images=images, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**whole).logits
+        losses = []
+        for row, length in enumerate(lengths):
+            ids = whole["input_ids"][row]
+            losses.append(
+                torch.nn.functional.cross_entropy(
+                    logits[row, -length - 1 : -1], ids[-length:], reduction="sum"
+                )
+            )
+        expected = float(sum(losses)) / sum(lengths)
+        assert float(shared) == pytest.approx(expected, rel=1e-4)
+        assert math.isfinite(expected)
+
+
+@pytest.mark.engine
+def test_two_steps_write_a_model_folder_with_its_record(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    cfg = TrainConfig(steps=2, batch=2, warmup=1, eval_every=100, eval_scenes=1)
+    lines: list[str] = []
+    final = train(out, cfg, command="goflow-gpu dev train-tiny model", echo=lines.append)
+    assert list(final) == list(LEARNED_ANALYSES)
+    assert any(line.startswith("step 1/2 loss ") for line in lines)
+    assert any("held-out object-detection: " in line for line in lines)
+
+    record = json.loads((out / "training.json").read_text())
+    assert record["command"] == "goflow-gpu dev train-tiny model"
+    assert record["pixel_budget"] == {"min_pixels": 56 * 56, "max_pixels": 168 * 168}
+    assert record["analyses"] == list(LEARNED_ANALYSES)
+    assert record["config"]["steps"] == 2
+    assert set(record["heldout"]) == set(LEARNED_ANALYSES)
+
+    processor_config = json.loads((out / "preprocessor_config.json").read_text())
+    assert (processor_config["min_pixels"], processor_config["max_pixels"]) == (3136, 28224)
+    tokenizer = json.loads((out / "tokenizer.json").read_text())
+    im_end = next(t["id"] for t in tokenizer["added_tokens"] if t["content"] == "<|im_end|>")
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["do_sample"] is False
+    assert im_end in generation["eos_token_id"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == 4
+    assert config["vision_config"]["depth"] == 4
+    assert config["text_config"]["intermediate_size"] == 512
+
+    # digits are single tokens, as in Qwen's tokenizer: coordinates are written digit by digit
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok.tokenize("[120,7]") == ["[", "1", "2", "0", ",", "7", "]"]
+
+    settings = load_settings(None, model=str(out))
+    assert (settings.min_pixels, settings.max_pixels) == (3136, 28224)
