@@ -354,37 +354,63 @@ def run(config: Path | None, flags: dict[str, Any]) -> None:
 
 @app.command()
 def demo(
-    media: Annotated[int, typer.Option(help="Media items in the demo job.", min=1)] = 2,
-    analyses: Annotated[int, typer.Option(help="Analysis types in the demo job.", min=1)] = 4,
+    media: Annotated[int, typer.Option(help="Media items in the demo job.", min=1)] = 8,
+    analyses: Annotated[
+        int,
+        typer.Option(
+            help="Analysis types in the demo job (with scenes: the 3 learned ones first).", min=1
+        ),
+    ] = 3,
     engine: EngineOpt = None,
     model: Annotated[
         str | None,
-        typer.Option(help="Real weights (HF id or dir). Default: a tiny random-weight model."),
+        typer.Option(
+            help="Real weights (HF id or dir), or a folder made by `dev train-tiny`. "
+            "Default: a tiny local model."
+        ),
     ] = None,
     config: ConfigOpt = None,
+    random_weights: Annotated[
+        bool,
+        typer.Option(
+            "--random-weights", help="A tiny random-weight model instead of the trained one."
+        ),
+    ] = False,
+    scenes: Annotated[
+        bool,
+        typer.Option(
+            "--scenes/--no-scenes",
+            help="Labelled scenes as pictures, and every answer graded against their truth.",
+        ),
+    ] = True,
     out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Keep state, report and ledger here.")
+        Path | None, typer.Option("--out", help="Keep state, report, ledger and grades here.")
     ] = None,
 ) -> None:
     """Run the whole job flow end to end against the embedded GoFlow simulator.
 
     Starts the simulator in-process, queues one job, and runs the real worker on it with the
-    best engine available: vLLM on CUDA with real weights when --model or a config names them,
-    otherwise a tiny random-weight Qwen2.5-VL built locally (its answers mean nothing: the demo
-    shows the flow, the QA and the exactly-once reporting). Needs no GPU and no network.
+    best engine available (vLLM, else transformers). The job's pictures are labelled scenes
+    (flat shapes and one word) and the answers to object-detection, text-recognition and
+    people-count are graded against each scene's truth: right answers, boxes found at IoU >=
+    0.5, mean IoU, colours named. Without --model or a config the model is a tiny local
+    Qwen2.5-VL: the one trained on the scenes when the package ships it, else random weights;
+    --model takes a folder made by `goflow-gpu dev train-tiny`. The ledger check proves every
+    combination was reported exactly once. Needs no GPU and no network.
     """
-    from goflow_gpu.demo import run_demo
+    from goflow_gpu.demo import DemoOptions, run_demo
 
+    options = DemoOptions(
+        media=media,
+        analyses=analyses,
+        engine=engine,
+        model=model,
+        config=config,
+        random_weights=random_weights,
+        scenes=scenes,
+    )
     with _errors():
-        code = run_demo(
-            media=media,
-            analyses=analyses,
-            engine=engine,
-            model=model,
-            config=config,
-            out_dir=out_dir,
-            console=out,
-        )
+        code = run_demo(options, out_dir=out_dir, console=out)
     raise typer.Exit(code)
 
 

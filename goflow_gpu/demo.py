@@ -1,10 +1,12 @@
 """``goflow-gpu demo``: the whole flow on one machine, against the embedded simulator.
 
 The real worker (``service.run_worker``), the real engine code path and the real HTTP client
-run against the in-process GoFlow simulator. Without real weights the engine gets a tiny
-random-weight Qwen2.5-VL built locally; structured decoding keeps its answers in the schema's
-shape, bounded schemas and token budgets let most of them finish, and QA shows why the others
-fail. The simulator's ledger then proves every combination was reported exactly once.
+run against the in-process GoFlow simulator. The job's pictures are labelled scenes, and the
+simulator grades the answers it receives (right answers per analysis, boxes found, IoU,
+colours). Without real weights the engine gets a tiny Qwen2.5-VL: the one trained on the
+simulator's scenes (:mod:`goflow_gpu.engines.train`) when the package ships it, else a
+random-weight one whose answers mean nothing (``--random-weights`` forces that one). The
+simulator's ledger then proves every combination was reported exactly once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import secrets
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +28,14 @@ from rich.panel import Panel
 from rich.table import Table
 
 from goflow_gpu import logs, progress
+from goflow_gpu.engines.scene_answers import LEARNED_ANALYSES
+from goflow_gpu.engines.scene_model import SCENE_MODEL, SCENE_MODEL_LABEL, read_training
+from goflow_gpu.errors import ConfigError
+from goflow_gpu.evaluation.scenes import GradeSummary
 from goflow_gpu.events import Events
 from goflow_gpu.settings import Settings, load_settings
 from goflow_gpu.simulator import Simulator
+from goflow_gpu.simulator.catalog import ANALYSIS_TYPES
 
 TINY_MODEL_VERSION = "1"
 
@@ -60,8 +68,15 @@ def demo_settings(
     config: Path | None,
     base_url: str,
     state_dir: Path,
+    weights: str = "random",
 ) -> tuple[Settings, bool]:
-    """Settings for the demo run, and whether the weights are random."""
+    """Settings for the demo run, and whether the model is a tiny local one.
+
+    Without ``model`` and ``config`` the model is a tiny one: ``weights="trained"`` the model
+    trained on the simulator's scenes shipped in the package (at the pixel budget it was trained
+    at), ``"random"`` a random-weight one built on first use. Those, and a ``model`` folder made
+    by ``goflow-gpu dev train-tiny``, get the CPU-sized engine settings.
+    """
     random_weights = model is None and config is None
     flags: dict[str, Any] = {
         "base_url": base_url,
@@ -71,84 +86,118 @@ def demo_settings(
         "log_level": "WARNING",
         "poll_interval_min": 0.2,
     }
-    if random_weights:
+    if random_weights and weights == "trained":
+        flags.update(_TINY_ENGINE, model=str(scene_model()), model_label=SCENE_MODEL_LABEL)
+    elif random_weights:
         flags.update(
+            _TINY_ENGINE,
             model=str(ensure_tiny_model()),
             model_label="qwen2.5vl-tiny-random",
-            gpu_memory_utilization=0.2,
-            enforce_eager=True,
-            max_model_len=4096,
-            max_num_seqs=16,
-            max_in_flight=24,  # as configs/cpu-dev.yaml: 1.5x max_num_seqs
-            max_num_batched_tokens=4096,
             min_pixels=64 * 28 * 28,
             max_pixels=256 * 28 * 28,
-            qa_retries=1,
-            dtype="auto",
         )
+    elif model is not None and config is None and read_training(model) is not None:
+        flags.update(_TINY_ENGINE, model=model, model_label=SCENE_MODEL_LABEL)
+        random_weights = True
     elif model is not None:
         flags["model"] = model
     return load_settings(config, **flags), random_weights
 
 
-def run_demo(
-    *,
-    media: int,
-    analyses: int,
-    engine: str | None,
-    model: str | None,
-    config: Path | None,
-    out_dir: Path | None,
-    console: Console,
-) -> int:
+_TINY_ENGINE: dict[str, Any] = {
+    "gpu_memory_utilization": 0.2,
+    "enforce_eager": True,
+    "max_model_len": 4096,
+    "max_num_seqs": 16,
+    "max_in_flight": 24,  # as configs/cpu-dev.yaml: 1.5x max_num_seqs
+    "max_num_batched_tokens": 4096,
+    "qa_retries": 1,
+    "dtype": "auto",
+}
+
+
+def shipped_weights() -> str:
+    """``"trained"`` when the package ships the trained tiny model, else ``"random"``."""
+    return "trained" if (SCENE_MODEL / "config.json").is_file() else "random"
+
+
+def scene_model() -> Path:
+    """The shipped trained model's folder; a clear error when the install lacks it."""
+    if not (SCENE_MODEL / "config.json").is_file():
+        raise ConfigError(
+            f"the trained tiny model is missing from {SCENE_MODEL}: reinstall goflow-gpu, "
+            "rebuild it with `goflow-gpu dev train-tiny` (see its training.json), or run the "
+            "demo with --random-weights"
+        )
+    return SCENE_MODEL
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What the demo runs: the job's size, the engine and model, the weights and pictures."""
+
+    media: int = 8
+    analyses: int = len(LEARNED_ANALYSES)
+    engine: str | None = None
+    model: str | None = None
+    config: Path | None = None
+    random_weights: bool = False
+    """The tiny random-weight model instead of the trained one (without model/config)."""
+    scenes: bool = True
+    """Labelled scenes as the job's pictures, and the answers graded."""
+
+
+def demo_slugs(options: DemoOptions) -> list[str] | None:
+    """The job's analysis slugs: in scene mode the learned ones first, then the simulator's
+    order; None (the simulator's first N) otherwise."""
+    if not options.scenes:
+        return None
+    order = list(LEARNED_ANALYSES) + [s for s, _ in ANALYSIS_TYPES if s not in LEARNED_ANALYSES]
+    return order[: options.analyses]
+
+
+def run_demo(options: DemoOptions, *, out_dir: Path | None, console: Console) -> int:
     """Run the demo; returns the exit code (0 when the ledger shows exactly-once delivery)."""
     workdir = out_dir or Path(tempfile.mkdtemp(prefix="goflow-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     # A made-up key shared by the in-process simulator and worker only.
     key = "demo-" + secrets.token_hex(12)
     os.environ["GOFLOW_API_KEY"] = key
-    return asyncio.run(_demo(media, analyses, engine, model, config, workdir, key, console))
+    return asyncio.run(_demo(options, workdir, key, console))
 
 
-async def _demo(
-    media: int,
-    analyses: int,
-    engine: str | None,
-    model: str | None,
-    config: Path | None,
-    workdir: Path,
-    key: str,
-    console: Console,
-) -> int:
+async def _demo(options: DemoOptions, workdir: Path, key: str, console: Console) -> int:
     from goflow_gpu.service import run_worker
 
     started = time.monotonic()
     async with Simulator(api_key=key, seed=7) as sim:
-        manifest = sim.add_job(media=media, analyses=analyses)
-        settings, random_weights = demo_settings(
-            engine=engine,
-            model=model,
-            config=config,
+        manifest = sim.add_job(
+            media=options.media,
+            analyses=options.analyses,
+            slugs=demo_slugs(options),
+            scenes=options.scenes,
+        )
+        settings, tiny = demo_settings(
+            engine=options.engine,
+            model=options.model,
+            config=options.config,
             base_url=sim.base_url,
             state_dir=workdir / "state",
+            weights="random" if options.random_weights else shipped_weights(),
         )
         # Warnings and errors only (-v or --log-level show more): the screen keeps the bars and
         # the summary. On a terminal the libraries' lines (vLLM, torch, ...) go to a file in the
         # state directory, named in the summary.
         logs.setup_logging(settings.log_format, settings.log_level, log_dir=settings.state_dir)
         total = len(manifest["media"]) * len(manifest["analyses"])
-        if random_weights:
-            console.print(
-                Panel(
-                    "This demo runs a [bold]tiny Qwen2.5-VL with random weights[/] built on "
-                    "this machine: its answers mean nothing. It shows the flow: download, "
-                    "inference with structured decoding, QA, exactly-once reporting, status "
-                    "and the final report. Use --model for real weights.",
-                    title="goflow-gpu demo",
-                )
-            )
+        if tiny:
+            console.print(Panel(_intro(settings), title="goflow-gpu demo"))
+            note = stale_note(settings)
+            if note is not None:
+                console.print(f"[yellow]note:[/] {note}", highlight=False)
         console.print(
-            f"simulator at {sim.base_url}: 1 job, {len(manifest['media'])} media x "
+            f"simulator at {sim.base_url}: 1 job, {len(manifest['media'])} "
+            f"{'labelled scenes' if options.scenes else 'media'} x "
             f"{len(manifest['analyses'])} analyses = {total} combinations; engine "
             f"[bold]{settings.engine}[/], model {settings.model}"
         )
@@ -160,14 +209,85 @@ async def _demo(
             result = await run_worker(settings, burst=True, handle_signals=False, events=events)
         problems = sim.ledger.check_job(manifest)
         snapshot = sim.ledger.snapshot()
+        grades = sim.grade(manifest) if options.scenes else {}
     elapsed = time.monotonic() - started
     ledger_path = workdir / "ledger.json"
     ledger_path.write_text(json.dumps(snapshot, indent=2, default=str))
     report_path = workdir / "report.json"
     reports = sim.ledger.reports.get(project_id, [])
     report_path.write_text(json.dumps(reports[-1] if reports else None, indent=2))
+    if grades:
+        (workdir / "grades.json").write_text(
+            json.dumps({slug: g.figures() for slug, g in grades.items()}, indent=2) + "\n"
+        )
     _summary(console, sim, manifest, elapsed, problems, report_path, ledger_path, result)
+    if grades:
+        trained = settings.model_label == SCENE_MODEL_LABEL
+        _grades(console, grades, learned=set(LEARNED_ANALYSES) if trained else None)
     return 0 if not problems and result.exit_code == 0 else 1
+
+
+def stale_note(settings: Settings) -> str | None:
+    """A warning when the model was trained here on other prompts than the catalog's now."""
+    from goflow_gpu.engines.train import stale_specs
+    from goflow_gpu.prompts.catalog import load_catalog
+
+    record = read_training(settings.model)
+    if record is None:
+        return None
+    lines = stale_specs(record, load_catalog(settings.prompts_dir))
+    if not lines:
+        return None
+    return (
+        f"the model learned other prompts than the catalog holds now ({'; '.join(lines)}): "
+        "its grades may drop; `goflow-gpu dev train-tiny` retrains it (see its training.json)"
+    )
+
+
+def _intro(settings: Settings) -> str:
+    if settings.model_label != SCENE_MODEL_LABEL:
+        return (
+            "This demo runs a [bold]tiny Qwen2.5-VL with random weights[/] built on this "
+            "machine: its answers mean nothing. It shows the flow: download, inference with "
+            "structured decoding, QA, exactly-once reporting, status and the final report. "
+            "Use --model for real weights, or a folder made by `goflow-gpu dev train-tiny`."
+        )
+    return (
+        "This demo runs a [bold]tiny Qwen2.5-VL trained on the simulator's scenes[/] (flat "
+        "circles, squares and triangles in a few colours, one word in block letters). It "
+        f"learned {', '.join(LEARNED_ANALYSES)} on such pictures, with the catalog's own "
+        "prompts, and nothing else: its answers to other analyses, or about real photos, mean "
+        "nothing. The simulator knows each scene's truth and grades the answers it receives."
+    )
+
+
+def _grades(console: Console, grades: dict[str, GradeSummary], learned: set[str] | None) -> None:
+    table = Table(title="graded against the scenes' truth")
+    for column in ("analysis", "right", "boxes found", "mean IoU", "colours named", ""):
+        table.add_column(column)
+    for slug, grade in grades.items():
+        note = ""
+        if learned is not None:
+            note = "learned" if slug in learned else "not learned: chance"
+        table.add_row(
+            slug,
+            f"{grade.right}/{grade.answers} ({grade.right_rate:.0%})",
+            _share(grade.box_recall),
+            "-" if grade.mean_iou is None else f"{grade.mean_iou:.2f}",
+            _share(grade.colour_rate),
+            note,
+        )
+    console.print(table)
+    console.print(
+        "right: every labelled field right (all shapes found, named and boxed at IoU >= 0.5, "
+        "nothing extra); boxes found: share of the drawn boxes matched at IoU >= 0.5 with the "
+        "right name; colours named: shapes whose colour and kind the description names.",
+        highlight=False,
+    )
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def _summary(

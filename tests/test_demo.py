@@ -1,4 +1,9 @@
-"""The README's main job: `goflow-gpu demo` in a subprocess, checked through its ledger."""
+"""The README's main job: `goflow-gpu demo` in a subprocess, checked through its ledger.
+
+The demo's job is labelled scenes, and the simulator grades what the worker reported. With no
+trained model in the package the demo runs the tiny random-weight model, so the grades are
+counted here, not judged.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from goflow_gpu.demo import DemoOptions, demo_settings, demo_slugs
+
 
 @pytest.mark.engine
-def test_demo_runs_end_to_end_and_reports_every_combination_once(tmp_path: Path) -> None:
+def test_demo_runs_end_to_end_grades_and_reports_every_combination_once(tmp_path: Path) -> None:
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     env.pop("GOFLOW_API_KEY", None)
     done = subprocess.run(
@@ -23,8 +30,6 @@ def test_demo_runs_end_to_end_and_reports_every_combination_once(tmp_path: Path)
             "demo",
             "--media",
             "2",
-            "--analyses",
-            "3",
             "--out",
             str(tmp_path / "out"),
         ],
@@ -36,6 +41,7 @@ def test_demo_runs_end_to_end_and_reports_every_combination_once(tmp_path: Path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "random weights" in done.stdout
     assert "exactly-once check" in done.stdout
+    assert "graded against the scenes' truth" in done.stdout
     ledger = json.loads((tmp_path / "out" / "ledger.json").read_text())
     results = ledger["results"]
     assert len(results) == 6
@@ -44,5 +50,44 @@ def test_demo_runs_end_to_end_and_reports_every_combination_once(tmp_path: Path)
     assert statuses == ["processing", "completed"]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["report"]["details"]["total_combinations"] == 6
+    # every answer of the three labelled analyses was graded, failed ones included
+    grades = json.loads((tmp_path / "out" / "grades.json").read_text())
+    assert list(grades) == ["object-detection", "text-recognition", "people-count"]
+    assert all(g["answers"] == 2 for g in grades.values())
     # the tiny model was built into the cache dir, offline
     assert any((tmp_path / "cache" / "goflow-gpu").iterdir())
+
+
+def test_demo_job_asks_the_learned_analyses_first() -> None:
+    assert demo_slugs(DemoOptions(analyses=5)) == [
+        "object-detection",
+        "text-recognition",
+        "people-count",
+        "image-description",
+        "scene-classification",
+    ]
+    assert demo_slugs(DemoOptions(scenes=False)) is None
+
+
+def test_a_folder_trained_here_gets_the_cpu_engine_settings_and_its_pixel_budget(
+    tmp_path: Path,
+) -> None:
+    model = tmp_path / "trained"
+    model.mkdir()
+    budget = {"min_pixels": 56 * 56, "max_pixels": 168 * 168}
+    (model / "training.json").write_text(json.dumps({"pixel_budget": budget}))
+    settings, tiny = demo_settings(
+        engine="vllm", model=str(model), config=None, base_url="http://127.0.0.1:1",
+        state_dir=tmp_path / "state",
+    )  # fmt: skip
+    assert tiny and settings.model == str(model)
+    assert settings.model_label == "qwen2.5vl-tiny-scenes"
+    assert (settings.min_pixels, settings.max_pixels) == (3136, 28224)
+    assert settings.gpu_memory_utilization == 0.2 and settings.enforce_eager
+
+    settings, tiny = demo_settings(
+        engine="vllm", model="some/model", config=None, base_url="http://127.0.0.1:1",
+        state_dir=tmp_path / "state",
+    )  # fmt: skip
+    assert not tiny and settings.model == "some/model"
+    assert settings.gpu_memory_utilization == 0.9  # real weights: the worker's own defaults

@@ -185,3 +185,26 @@ def test_known_non_setting_variables_are_accepted(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("GOFLOW_LIVE_BASE_URL", "https://example.invalid")
     monkeypatch.setenv("goflow_base_url", "http://127.0.0.1:8787")  # any case, like pydantic
     assert load_settings().base_url == "http://127.0.0.1:8787"
+
+
+def test_a_model_trained_here_is_served_at_its_pixel_budget_unless_one_is_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tmp_path / "trained"
+    model.mkdir()
+    (model / "training.json").write_text(
+        '{"pixel_budget": {"min_pixels": 3136, "max_pixels": 28224}}'
+    )
+    settings = load_settings(None, model=str(model))
+    assert (settings.min_pixels, settings.max_pixels) == (3136, 28224)
+    monkeypatch.setenv("GOFLOW_MAX_PIXELS", str(448 * 448))
+    settings = load_settings(None, model=str(model))
+    assert (settings.min_pixels, settings.max_pixels) == (3136, 448 * 448)
+    monkeypatch.delenv("GOFLOW_MAX_PIXELS")
+    # a broken or partial record, or none: the defaults
+    (model / "training.json").write_text('{"pixel_budget": {"min_pixels": 9}}')
+    default = load_settings(None)
+    settings = load_settings(None, model=str(model))
+    assert (settings.min_pixels, settings.max_pixels) == (default.min_pixels, default.max_pixels)
+    (model / "training.json").write_text("not json")
+    assert load_settings(None, model=str(model)).max_pixels == default.max_pixels

@@ -7,6 +7,7 @@ pieces that decide what it learns are checked on their own.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -23,7 +24,9 @@ from goflow_gpu.engines.train import (
     heldout_keys,
     lr_at,
     plan_samples,
+    stale_specs,
     train,
+    trained_specs,
 )
 from goflow_gpu.prompts.catalog import load_catalog
 from goflow_gpu.settings import load_settings
@@ -37,7 +40,8 @@ def test_batches_are_deterministic_one_analysis_each_and_never_held_out() -> Non
     keys = [s.key for batch in first for s in batch]
     assert len(keys) == len(set(keys)) == 160
     assert not set(keys) & set(heldout_keys(1000))
-    assert all(len({s.slug for s in batch}) == 1 for batch in first)
+    assert all(len({(s.slug, s.short) for s in batch}) == 1 for batch in first)
+    assert {batch[0].short for batch in first} == {True, False}
     assert {batch[0].slug for batch in first} == set(LEARNED_ANALYSES)
     other = list(plan_samples(TrainConfig(steps=40, batch=4, seed=1)))
     assert [s.key for s in other[0]] != [s.key for s in first[0]]
@@ -65,15 +69,20 @@ def test_the_shared_prefix_loss_equals_the_loss_of_whole_sequences(tmp_path: Pat
     processor = transformers.AutoProcessor.from_pretrained(str(tmp_path / "m"))  # type: ignore[no-untyped-call]
     batcher = Batcher(processor, catalog, cfg)
     keys = ["loss-0", "loss-1", "loss-2"]
-    for slug in ("object-detection", "people-count"):
-        samples = [Sample(key, slug) for key in keys]
+    for slug, short in (
+        ("object-detection", False),
+        ("people-count", False),
+        ("text-recognition", True),
+    ):
+        samples = [Sample(key, slug, short) for key in keys]
+        prompts = batcher.short_prompts if short else batcher.prompts
         with torch.no_grad():
             shared = answer_loss(model, batcher(samples))
         texts, images, lengths = [], [], []
         for key in keys:
             scene = labelled_scene(key)
             answer = compact(scene_answers(scene, cfg.min_pixels, cfg.max_pixels)[slug])
-            texts.append(batcher.prompts[slug] + answer + "<|im_end|>")
+            texts.append(prompts[slug] + answer + "<|im_end|>")
             images.append(scene.image)
             lengths.append(len(processor.tokenizer(answer + "<|im_end|>")["input_ids"]))
         whole = processor(text=texts, images=images, padding=True, return_tensors="pt")
@@ -129,3 +138,29 @@ def test_two_steps_write_a_model_folder_with_its_record(tmp_path: Path) -> None:
 
     settings = load_settings(None, model=str(out))
     assert (settings.min_pixels, settings.max_pixels) == (3136, 28224)
+
+    # the same seed and settings give the same weights: a rebuild is a rebuild
+    train(tmp_path / "again", cfg, echo=lines.append)
+    weights = (out / "model.safetensors").read_bytes()
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == weights
+    train(tmp_path / "other", dataclasses.replace(cfg, seed=1), echo=lines.append)
+    assert (tmp_path / "other" / "model.safetensors").read_bytes() != weights
+
+
+def test_a_changed_learned_spec_is_reported_as_stale(tmp_path: Path) -> None:
+    import shutil
+
+    shipped = load_catalog(None)
+    record = {"specs": trained_specs(shipped, list(LEARNED_ANALYSES))}
+    assert record["specs"]["object-detection"]["version"] == 3
+    assert stale_specs(record, shipped) == []
+    edited = tmp_path / "prompts"
+    shutil.copytree(shipped.source, edited)
+    spec = edited / "object-detection.yaml"
+    text = spec.read_text().replace("version: 3", "version: 4")
+    spec.write_text(text.replace("most prominent first", "largest first"))
+    (edited / "people-count.yaml").unlink()
+    assert stale_specs(record, load_catalog(edited)) == [
+        "object-detection v3 -> v4",
+        "people-count is no longer in the catalog",
+    ]

@@ -56,10 +56,25 @@ def random_arch(
 @dev_app.command("train-tiny")
 def train_tiny(
     directory: Annotated[Path, typer.Argument(help="Where to write the trained model (created).")],
-    steps: Annotated[int, typer.Option(help="Optimizer steps (batches of --batch scenes).")] = 1500,
+    steps: Annotated[int, typer.Option(help="Optimizer steps (batches of --batch scenes).")] = 1150,
     batch: Annotated[int, typer.Option(help="Scenes per step.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed of the data order and the initial weights.")] = 0,
-    eval_every: Annotated[int, typer.Option(help="Grade held-out scenes every N steps.")] = 375,
+    eval_every: Annotated[int, typer.Option(help="Grade held-out scenes every N steps.")] = 400,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-3,
+    warmup: Annotated[int, typer.Option(help="Warm-up steps before the cosine decay.")] = 100,
+    device: Annotated[
+        str, typer.Option(help="cpu, or cuda on a GPU node (same recipe, minutes not hours).")
+    ] = "cpu",
+    continue_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--continue-from",
+            help="Start from a folder this command wrote (its weights and tokenizer), on "
+            "scenes it has not seen; its record is kept in the new training.json.",
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,
     prompts_dir: Annotated[
         Path | None,
         typer.Option("--prompts-dir", "-d", help="Prompt catalog to learn (default: shipped)."),
@@ -75,11 +90,33 @@ def train_tiny(
     import shlex
     import sys
 
+    from goflow_gpu.engines.scene_model import read_training
     from goflow_gpu.engines.train import TrainConfig, train
 
-    cfg = TrainConfig(steps=steps, batch=batch, seed=seed, eval_every=eval_every)
+    offset = 0
+    if continue_from is not None:
+        earlier = read_training(continue_from) or {"config": {}}
+        done = earlier["config"]
+        offset = done.get("data_offset", 0) + done.get("steps", 0) * done.get("batch", 0)
+    cfg = TrainConfig(
+        steps=steps,
+        batch=batch,
+        seed=seed,
+        eval_every=eval_every,
+        lr=lr,
+        warmup=warmup,
+        data_offset=offset,
+        device=device,
+    )
     command = "goflow-gpu " + shlex.join(sys.argv[1:])
-    final = train(directory, cfg, catalog_dir=prompts_dir, command=command, echo=typer.echo)
+    final = train(
+        directory,
+        cfg,
+        catalog_dir=prompts_dir,
+        command=command,
+        echo=typer.echo,
+        continue_from=continue_from,
+    )
     typer.echo(f"trained model written to {directory}")
     for summary in final.values():
         typer.echo(f"  {summary.line()}")
