@@ -77,7 +77,7 @@ def demo_settings(
     at), ``"random"`` a random-weight one built on first use. Those, and a ``model`` folder made
     by ``goflow-gpu dev train-tiny``, get the CPU-sized engine settings.
     """
-    random_weights = model is None and config is None
+    tiny = model is None and config is None
     flags: dict[str, Any] = {
         "base_url": base_url,
         "state_dir": state_dir,
@@ -86,9 +86,9 @@ def demo_settings(
         "log_level": "WARNING",
         "poll_interval_min": 0.2,
     }
-    if random_weights and weights == "trained":
+    if tiny and weights == "trained":
         flags.update(_TINY_ENGINE, model=str(scene_model()), model_label=SCENE_MODEL_LABEL)
-    elif random_weights:
+    elif tiny:
         flags.update(
             _TINY_ENGINE,
             model=str(ensure_tiny_model()),
@@ -98,10 +98,10 @@ def demo_settings(
         )
     elif model is not None and config is None and read_training(model) is not None:
         flags.update(_TINY_ENGINE, model=model, model_label=SCENE_MODEL_LABEL)
-        random_weights = True
+        tiny = True
     elif model is not None:
         flags["model"] = model
-    return load_settings(config, **flags), random_weights
+    return load_settings(config, **flags), tiny
 
 
 _TINY_ENGINE: dict[str, Any] = {
@@ -116,14 +116,18 @@ _TINY_ENGINE: dict[str, Any] = {
 }
 
 
+def _shipped() -> bool:
+    return (SCENE_MODEL / "config.json").is_file()
+
+
 def shipped_weights() -> str:
     """``"trained"`` when the package ships the trained tiny model, else ``"random"``."""
-    return "trained" if (SCENE_MODEL / "config.json").is_file() else "random"
+    return "trained" if _shipped() else "random"
 
 
 def scene_model() -> Path:
     """The shipped trained model's folder; a clear error when the install lacks it."""
-    if not (SCENE_MODEL / "config.json").is_file():
+    if not _shipped():
         raise ConfigError(
             f"the trained tiny model is missing from {SCENE_MODEL}: reinstall goflow-gpu, "
             "rebuild it with `goflow-gpu dev train-tiny` (see its training.json), or run the "

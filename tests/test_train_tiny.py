@@ -146,6 +146,14 @@ def test_two_steps_write_a_model_folder_with_its_record(tmp_path: Path) -> None:
     train(tmp_path / "other", dataclasses.replace(cfg, seed=1), echo=lines.append)
     assert (tmp_path / "other" / "model.safetensors").read_bytes() != weights
 
+    # continuing a folder starts after the 2 x 2 scenes it saw and keeps its record
+    more = tmp_path / "more"
+    train(more, dataclasses.replace(cfg, steps=1), echo=lines.append, continue_from=out)
+    record = json.loads((more / "training.json").read_text())
+    assert record["config"]["data_offset"] == 4
+    assert record["continued_from"]["command"] == "goflow-gpu dev train-tiny model"
+    assert (more / "model.safetensors").read_bytes() != weights
+
 
 def test_a_changed_learned_spec_is_reported_as_stale(tmp_path: Path) -> None:
     import shutil

@@ -80,24 +80,19 @@ def train_tiny(
         typer.Option("--prompts-dir", "-d", help="Prompt catalog to learn (default: shipped)."),
     ] = None,
 ) -> None:
-    """Train the tiny Qwen2.5-VL on the simulator's labelled scenes, on CPU (no network).
+    """Train the tiny Qwen2.5-VL on the simulator's labelled scenes (no network).
 
     It learns object-detection (shapes named and boxed), text-recognition (the word and its
     box) and people-count (nobody) with the catalog's real prompts and schemas, and prints
-    the loss and held-out grades as it goes. The shipped model was built with the defaults
-    (about an hour on 2 cores); see training.json in its folder for the exact command.
+    the loss and held-out grades as it goes. The defaults take about an hour on 2 CPU cores;
+    training.json in the folder records the exact command. `goflow-gpu demo --model DIR`
+    grades the result.
     """
     import shlex
     import sys
 
-    from goflow_gpu.engines.scene_model import read_training
     from goflow_gpu.engines.train import TrainConfig, train
 
-    offset = 0
-    if continue_from is not None:
-        earlier = read_training(continue_from) or {"config": {}}
-        done = earlier["config"]
-        offset = done.get("data_offset", 0) + done.get("steps", 0) * done.get("batch", 0)
     cfg = TrainConfig(
         steps=steps,
         batch=batch,
@@ -105,7 +100,6 @@ def train_tiny(
         eval_every=eval_every,
         lr=lr,
         warmup=warmup,
-        data_offset=offset,
         device=device,
     )
     command = "goflow-gpu " + shlex.join(sys.argv[1:])

@@ -21,7 +21,7 @@ What it does, in order:
 4. every ``eval_every`` steps, greedy answers to held-out scenes go through the worker's own QA
    (:func:`goflow_gpu.prompts.qa.check_output`) and are graded like the demo grades them
    (:mod:`goflow_gpu.evaluation.scenes`);
-5. saves the weights (bf16 by default), a ``generation_config.json`` that stops at
+5. saves the weights (``dtype``, fp32 by default), a ``generation_config.json`` that stops at
    ``<|im_end|>`` and decodes greedily, and ``training.json`` (the command, the settings, the
    held-out grades).
 
@@ -33,9 +33,10 @@ tokens the text prior wins for a long time. Short sequences (~130 tokens) cost l
 and make the image the only thing that decides the answer, so the vision path learns sooner;
 the whole-prompt half keeps the model answering the catalog's real requests.
 
-Why whole prompts: the worker sends the catalog's long prompts (about 300 tokens of system prompt
-and 150-250 of instructions with this tokenizer); a model trained on a short private prompt would
-meet a different input at serve time. The cost is sequence length, hence the tokenizer trained
+Why whole prompts: the worker sends the catalog's long prompts (about 210 tokens of system prompt
+and 160-190 of instructions with the catalog-trained tokenizer, 350 and 210-280 with the tiny
+builder's); a model trained only on a short private prompt would meet a different input at
+serve time. The cost is sequence length, hence the tokenizer trained
 on the catalog and ``logits_to_keep`` (the output head runs on the answer positions only).
 
 Deterministic: a fixed seed orders the data and initialises the weights; two runs on the same
@@ -51,7 +52,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +105,9 @@ class TrainConfig:
     """Where to train: ``cpu`` (the recipe's figures), or ``cuda`` on a GPU node, where the
     same steps take minutes (transformers and torch only: no vLLM needed there)."""
     data_offset: int = 0
-    """Index of the first training scene: a continued run draws scenes the first did not."""
+    """Index of the first training scene (a continued run sets it past the scenes seen)."""
     short_share: float = 0.5
     """Share of batches asked with the short prompt (see the module docstring)."""
-    """Index of the first training scene: a continued run draws scenes the first did not."""
 
 
 @dataclass(frozen=True)
@@ -368,15 +368,16 @@ def evaluate(
     catalog: Catalog,
     cfg: TrainConfig,
     keys: list[str],
+    prompts: dict[str, str],
     batch: int = 16,
 ) -> dict[str, GradeSummary]:
     """Greedy answers (transformers ``generate``, no grammar) to ``keys`` for every learned
-    analysis, through the worker's QA, graded."""
+    analysis, asked with its whole rendered prompt (``Batcher.prompts``), through the worker's
+    QA, graded."""
     import torch
 
     grades = []
     model.eval()
-    prompts = Batcher(processor, catalog, cfg).prompts
     with torch.no_grad():
         for slug in cfg.mix:
             spec = catalog.specs[slug]
@@ -423,8 +424,9 @@ def train(
     """Train and save the model in ``directory``; returns the final held-out grades.
 
     ``continue_from``: a folder this command wrote; its weights and tokenizer are the start
-    (``cfg`` must keep its architecture and pixel budget) and its record is kept in the new
-    one's ``continued_from``, so the folder says every command that made it.
+    (``cfg`` must keep its architecture and pixel budget), training goes on with the scenes
+    after the last one it saw (``data_offset``), and its record is kept in the new one's
+    ``continued_from``, so the folder says every command that made it.
     """
     import torch
 
@@ -442,6 +444,9 @@ def train(
         model, ids = build_untrained(directory, catalog, cfg)
     else:
         model, ids, earlier = _load_for_more(Path(continue_from), directory, cfg)
+        seen = earlier["config"]
+        offset = seen.get("data_offset", 0) + seen["steps"] * seen["batch"]
+        cfg = replace(cfg, data_offset=offset)
     processor = transformers.AutoProcessor.from_pretrained(str(directory))
     params = sum(p.numel() for p in model.parameters())
     echo(f"model: {params / 1e6:.2f} M parameters; tokenizer: {len(processor.tokenizer)} tokens")
@@ -456,7 +461,8 @@ def train(
         betas=(0.9, 0.98),
     )
     model.to(cfg.device).train()
-    batches = _prefetch(Batcher(processor, catalog, cfg), plan_samples(cfg))
+    batcher = Batcher(processor, catalog, cfg)
+    batches = _prefetch(batcher, plan_samples(cfg))
     heldout = heldout_keys(cfg.eval_scenes)
     started = time.monotonic()
     running: float | None = None
@@ -481,11 +487,12 @@ def train(
                 f"({rate:.2f} steps/s, {left / 60:.0f} min left)"
             )
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            summary = evaluate(model, processor, catalog, cfg, heldout)
+            summary = evaluate(model, processor, catalog, cfg, heldout, batcher.prompts)
             history.append({"step": done, **{s: g.line() for s, g in summary.items()}})
             for line in summary.values():
                 echo(f"  held-out {line.line()}")
-            model.save_pretrained(str(directory), safe_serialization=True)  # a checkpoint
+            if done < cfg.steps:  # a checkpoint; the last step saves below
+                model.save_pretrained(str(directory), safe_serialization=True)
     elapsed = time.monotonic() - started
     final = summary
     dtype = getattr(torch, cfg.dtype)

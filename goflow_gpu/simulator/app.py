@@ -182,8 +182,9 @@ class Simulator:
         self._queue: deque[_Offer | _Raw] = deque()
         self._projects: dict[str, SimJob] = {}
         self._images: dict[tuple[str, str], bytes] = {}
-        # Media of scene jobs -> their scene key; kept past forget_project so grading still works.
-        self._scene_keys: dict[str, str] = {}
+        # Media of scene jobs, and their scenes once drawn; kept past forget_project so grading
+        # still works.
+        self._scene_media: set[str] = set()
         self._scenes: dict[str, images.LabelledScene] = {}
         self._outages: list[Outage] = []
         self._answers: list[FixedAnswer] = []
@@ -271,8 +272,7 @@ class Simulator:
             scenes=scenes,
         )
         if scenes:
-            for item in job.manifest["media"]:
-                self._scene_keys[item["id"]] = f"{self._seed}:{item['id']}"
+            self._scene_media.update(item["id"] for item in job.manifest["media"])
         self._projects[job.project_id] = job
         self._queue.append(_Offer(job, self.upper_ids))
         return _served(job, upper=self.upper_ids)
@@ -400,12 +400,12 @@ class Simulator:
     def scene_for(self, media_id: str) -> images.LabelledScene | None:
         """The labelled scene served for ``media_id`` (any case), or ``None`` when the item is
         not of a scene job. The key is ``"SEED:MEDIA_ID"``: same seed and id, same scene."""
-        key = self._scene_keys.get(media_id.lower())
-        if key is None:
+        media_id = media_id.lower()
+        if media_id not in self._scene_media:
             return None
-        scene = self._scenes.get(key)
+        scene = self._scenes.get(media_id)
         if scene is None:
-            scene = self._scenes[key] = images.labelled_scene(key)
+            scene = self._scenes[media_id] = images.labelled_scene(f"{self._seed}:{media_id}")
         return scene
 
     def grade(self, manifest: dict[str, Any]) -> dict[str, GradeSummary]:
@@ -756,7 +756,7 @@ class Simulator:
         JPEG, or a PNG of the scene for media of a scene job."""
         key = (media_id, variant)
         if key not in self._images:
-            png = media_id in self._scene_keys
+            png = media_id in self._scene_media
             if png:
                 scene = await asyncio.to_thread(self.scene_for, media_id)
                 assert scene is not None  # a scene key exists
