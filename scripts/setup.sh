@@ -27,6 +27,21 @@ if [[ -f "$stamp" ]]; then
   exit 0
 fi
 
+# A first full install writes about 7 GB into the venv and unpacks wheels in the temp folder
+# on the way; pip's own "No space left on device" comes minutes in, from the middle of a
+# wheel. Say it first, with the figures.
+need_gb=$([[ "$MODE" == full ]] && echo 12 || echo 1)
+if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null || [[ "$MODE" == light ]]; then
+  for where in "$(dirname "$(realpath -m "$VENV")")" "${TMPDIR:-/tmp}"; do
+    free_gb=$(df -Pk "$where" | awk 'NR==2 {print int($4 / 1048576)}')
+    if (( free_gb < need_gb )); then
+      echo "setup: $where has ${free_gb} GB free; the $MODE install needs about ${need_gb} GB" >&2
+      echo "setup: free some space (old virtual environments, clones, caches) and rerun" >&2
+      exit 1
+    fi
+  done
+fi
+
 if [[ ! -x "$VENV/bin/python" ]]; then
   echo "setup: creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
