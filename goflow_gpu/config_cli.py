@@ -99,7 +99,7 @@ def show(
     out = Console(soft_wrap=True)
     try:
         settings = load_settings(config)
-        rows = describe(settings, value_sources(config))
+        rows = describe(settings, value_sources(config, settings=settings))
     except ConfigError as exc:
         Console(stderr=True, soft_wrap=True).print(
             f"[bold red]configuration error:[/] {escape(str(exc))}", highlight=False

@@ -336,9 +336,13 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     return settings
 
 
-def value_sources(config: Path | None = None, **overrides: Any) -> dict[str, str]:
+def value_sources(
+    config: Path | None = None, *, settings: Settings | None = None, **overrides: Any
+) -> dict[str, str]:
     """Where each setting's value comes from: ``flag``, ``env GOFLOW_X``, ``file PATH`` or
-    ``default``, in the precedence :func:`load_settings` applies.
+    ``default``, in the precedence :func:`load_settings` applies; given the loaded
+    ``settings``, a pixel budget adopted from a trained model folder says so
+    (``training.json of MODEL``).
 
     Asks the same pydantic-settings sources the settings were built from, so the answer cannot
     drift from the merge. Call it after :func:`load_settings` succeeded (that validates).
@@ -358,4 +362,11 @@ def value_sources(config: Path | None = None, **overrides: Any) -> dict[str, str
             sources[name] = f"file {config}"
         else:
             sources[name] = "default"
+    if settings is not None:
+        from goflow_gpu.engines.scene_model import TRAINING_FILE, trained_pixel_budget
+
+        if trained_pixel_budget(settings.model) is not None:
+            for name in ("min_pixels", "max_pixels"):
+                if sources[name] == "default":
+                    sources[name] = f"{TRAINING_FILE} of {settings.model}"
     return sources

@@ -197,9 +197,16 @@ def test_a_model_trained_here_is_served_at_its_pixel_budget_unless_one_is_set(
     )
     settings = load_settings(None, model=str(model))
     assert (settings.min_pixels, settings.max_pixels) == (3136, 28224)
+    sources = value_sources(None, settings=settings, model=str(model))
+    assert sources["max_pixels"] == f"training.json of {model}"  # config show says why
     monkeypatch.setenv("GOFLOW_MAX_PIXELS", str(448 * 448))
     settings = load_settings(None, model=str(model))
     assert (settings.min_pixels, settings.max_pixels) == (3136, 448 * 448)
+    sources = value_sources(None, settings=settings, model=str(model))
+    assert (sources["min_pixels"], sources["max_pixels"]) == (
+        f"training.json of {model}",
+        "env GOFLOW_MAX_PIXELS",
+    )
     monkeypatch.delenv("GOFLOW_MAX_PIXELS")
     # a broken or partial record, or none: the defaults
     (model / "training.json").write_text('{"pixel_budget": {"min_pixels": 9}}')
