@@ -22,6 +22,8 @@ from goflow_gpu.engines.train import (
     answer_loss,
     build_untrained,
     heldout_keys,
+    layout_head,
+    layout_targets,
     lr_at,
     plan_samples,
     stale_specs,
@@ -30,7 +32,7 @@ from goflow_gpu.engines.train import (
 )
 from goflow_gpu.prompts.catalog import load_catalog
 from goflow_gpu.settings import load_settings
-from goflow_gpu.simulator.images import labelled_scene
+from goflow_gpu.simulator.images import LabelledScene, SceneShape, labelled_scene
 
 
 def test_batches_are_deterministic_one_analysis_each_and_never_held_out() -> None:
@@ -57,15 +59,47 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth() -> None:
 
 
 @pytest.mark.engine
+def test_layout_targets_name_each_image_token_s_place_content_and_shape_box() -> None:
+    """A 112 x 56 picture is seen as it is (4 x 2 merged tokens of 28 px), row by row."""
+    import torch
+    from PIL import Image
+
+    scene = LabelledScene(
+        image=Image.new("RGB", (112, 56), "white"),
+        background="white",
+        shapes=(
+            SceneShape("circle", "red", (0, 0, 28, 28)),  # fills cell (0, 0)
+            SceneShape("square", "blue", (30, 0, 20, 20)),  # 400 of cell (0, 1)'s 784 px
+            SceneShape("triangle", "green", (84, 0, 10, 10)),  # 100 px: under a fifth
+        ),
+        word="OPEN",
+        word_colour="black",
+        word_box=(60, 30, 40, 20),  # 480 px of cell (1, 2), 320 of cell (1, 3)
+        colour_shares=(("white", 1.0),),
+    )
+    grid = torch.tensor([[1, 4, 8]])  # t, h, w in 14 px patches
+    got = layout_targets([scene], grid, TrainConfig())
+    assert got["layout_rows"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert got["layout_cols"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    red_circle, blue_square, word = 1, 1 + 1 * 6 + 4, 19
+    assert got["layout_what"].tolist() == [red_circle, blue_square, 0, 0, 0, 0, word, word]
+    assert got["layout_has_box"].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    boxes = got["layout_boxes"]
+    assert boxes[0].tolist() == pytest.approx([0, 0, 28 / 112, 28 / 56])
+    assert boxes[1].tolist() == pytest.approx([30 / 112, 0, 50 / 112, 20 / 56])
+
+
+@pytest.mark.engine
 def test_the_shared_prefix_loss_equals_the_loss_of_whole_sequences(tmp_path: Path) -> None:
     """The system turn is encoded once per batch and shared: the loss must be exactly that of
     the whole sequences, each encoded on its own (position ids and padding included)."""
     import torch
     import transformers
 
-    cfg = TrainConfig(batch=3)
+    cfg = TrainConfig(batch=3, layout_weight=0.5)
     catalog = load_catalog(None)
     model, _ids = build_untrained(tmp_path / "m", catalog, cfg)
+    head = layout_head(model.config.text_config.hidden_size)
     processor = transformers.AutoProcessor.from_pretrained(str(tmp_path / "m"))  # type: ignore[no-untyped-call]
     batcher = Batcher(processor, catalog, cfg)
     keys = ["loss-0", "loss-1", "loss-2"]
@@ -76,8 +110,15 @@ def test_the_shared_prefix_loss_equals_the_loss_of_whole_sequences(tmp_path: Pat
     ):
         samples = [Sample(key, slug, short) for key in keys]
         prompts = batcher.short_prompts if short else batcher.prompts
+        batch = batcher(samples)
         with torch.no_grad():
-            shared = answer_loss(model, batcher(samples))
+            shared = answer_loss(model, batch)
+            # the layout head reads the image tokens and leaves the answers' loss alone
+            answers, parts = answer_loss(model, batch, head, cfg.layout_layer)
+        assert float(answers) == float(shared)
+        tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
+        assert tokens == len(batch["layout_rows"]) > 0
+        assert parts.shape == (4,) and bool(torch.isfinite(parts).all())
         texts, images, lengths = [], [], []
         for key in keys:
             scene = labelled_scene(key)
@@ -172,3 +213,15 @@ def test_a_changed_learned_spec_is_reported_as_stale(tmp_path: Path) -> None:
         "object-detection v3 -> v4",
         "people-count is no longer in the catalog",
     ]
+
+
+@pytest.mark.parametrize("item", ["object-detection=lots", "faces=1", "people-count=0"])
+def test_a_bad_mix_is_refused_by_name(item: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from goflow_gpu.cli import app
+
+    out = CliRunner().invoke(app, ["dev", "train-tiny", str(tmp_path / "m"), "--mix", item])
+    assert out.exit_code == 2
+    assert f"--mix {item!r}" in out.output
+    assert not (tmp_path / "m").exists()  # refused before anything was written

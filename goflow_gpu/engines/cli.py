@@ -62,6 +62,22 @@ def train_tiny(
     eval_every: Annotated[int, typer.Option(help="Grade held-out scenes every N steps.")] = 400,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-3,
     warmup: Annotated[int, typer.Option(help="Warm-up steps before the cosine decay.")] = 100,
+    mix: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--mix",
+            metavar="SLUG=SHARE",
+            help="Share of the batches that ask this analysis (repeat for each; default "
+            "object-detection=0.65, text-recognition=0.3, people-count=0.05).",
+        ),
+    ] = None,
+    layout_weight: Annotated[
+        float,
+        typer.Option(
+            help="Weight of the layout loss (each image token: its row, column, what covers it "
+            "and that shape's box; a training-only head). 0 trains on the answers alone."
+        ),
+    ] = 0.2,
     device: Annotated[
         str, typer.Option(help="cpu, or cuda on a GPU node (same recipe, minutes not hours).")
     ] = "cpu",
@@ -93,13 +109,16 @@ def train_tiny(
 
     from goflow_gpu.engines.train import TrainConfig, train
 
+    shares = TrainConfig().mix if not mix else _parse_mix(mix)
     cfg = TrainConfig(
+        mix=shares,
         steps=steps,
         batch=batch,
         seed=seed,
         eval_every=eval_every,
         lr=lr,
         warmup=warmup,
+        layout_weight=layout_weight,
         device=device,
     )
     command = "goflow-gpu " + shlex.join(sys.argv[1:])
@@ -114,3 +133,25 @@ def train_tiny(
     typer.echo(f"trained model written to {directory}")
     for summary in final.values():
         typer.echo(f"  {summary.line()}")
+
+
+def _parse_mix(items: list[str]) -> dict[str, float]:
+    """``["object-detection=0.8", ...]`` -> shares; exit 2 naming a malformed or unknown item."""
+    from goflow_gpu.engines.scene_answers import LEARNED_ANALYSES
+
+    shares: dict[str, float] = {}
+    for item in items:
+        slug, _, share = item.partition("=")
+        try:
+            value = float(share)
+        except ValueError:
+            value = -1.0
+        if slug not in LEARNED_ANALYSES or value <= 0:
+            typer.echo(
+                f"--mix {item!r}: expected SLUG=SHARE with a share above 0 and a slug among "
+                f"{', '.join(LEARNED_ANALYSES)}",
+                err=True,
+            )
+            raise typer.Exit(2)
+        shares[slug] = value
+    return shares

@@ -200,10 +200,13 @@ class LabelledScene:
         return self.colour_shares[0][0]
 
 
-def labelled_scene(key: str, size: tuple[int, int] | None = None) -> LabelledScene:
-    """Draw the scene for ``key`` (same key and size, same picture): 1-4 separate shapes and
-    one word in block letters on a plain background. ``size`` defaults to one of a few
-    landscape, portrait and square sizes, chosen by the key.
+def labelled_scene(
+    key: str, size: tuple[int, int] | None = None, count: tuple[int, int] = (1, 4)
+) -> LabelledScene:
+    """Draw the scene for ``key`` (same key, size and ``count``, same picture): between
+    ``count[0]`` and ``count[1]`` separate shapes (fewer where no room is left) and one word
+    in block letters on a plain background. ``size`` defaults to one of a few landscape,
+    portrait and square sizes, chosen by the key.
     """
     rng = random.Random(f"scene:{key}")
     width, height = size if size is not None else rng.choice(_SCENE_SIZES)
@@ -228,7 +231,7 @@ def labelled_scene(key: str, size: tuple[int, int] | None = None) -> LabelledSce
 
     shapes: list[SceneShape] = []
     short = min(width, height)
-    for _ in range(rng.randint(1, 4)):
+    for _ in range(rng.randint(*count)):
         side = rng.randint(short * 15 // 100, short * 28 // 100)
         kind, colour = rng.choice(SCENE_KINDS), rng.choice(_SCENE_FILLS)
         for _attempt in range(100):
