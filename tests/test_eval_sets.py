@@ -99,6 +99,9 @@ def test_scenes_are_deterministic_and_sized():
     assert a.image.size == (300, 200)
     with pytest.raises(ValueError, match="96 pixels"):
         labelled_scene("k", (50, 200))
+    counts = {len(labelled_scene(f"n{i}").shapes) for i in range(40)}
+    assert counts == {1, 2, 3, 4}
+    assert {len(labelled_scene(f"n{i}", count=(1, 1)).shapes) for i in range(10)} == {1}
 
 
 def test_perfect_answers_score_one(schemas: dict[str, dict[str, Any]]):
