@@ -20,6 +20,7 @@ from goflow_gpu.engines.train import (
     Sample,
     TrainConfig,
     answer_loss,
+    attention_targets,
     build_untrained,
     heldout_keys,
     layout_head,
@@ -29,6 +30,7 @@ from goflow_gpu.engines.train import (
     stale_specs,
     train,
     trained_specs,
+    training_losses,
 )
 from goflow_gpu.prompts.catalog import load_catalog
 from goflow_gpu.settings import load_settings
@@ -58,13 +60,10 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth() -> None:
     assert lr_at(1100, cfg) == pytest.approx(2e-4)
 
 
-@pytest.mark.engine
-def test_layout_targets_name_each_image_token_s_place_content_and_shape_box() -> None:
-    """A 112 x 56 picture is seen as it is (4 x 2 merged tokens of 28 px), row by row."""
-    import torch
+def _hand_built_scene() -> LabelledScene:
     from PIL import Image
 
-    scene = LabelledScene(
+    return LabelledScene(
         image=Image.new("RGB", (112, 56), "white"),
         background="white",
         shapes=(
@@ -77,8 +76,15 @@ def test_layout_targets_name_each_image_token_s_place_content_and_shape_box() ->
         word_box=(60, 30, 40, 20),  # 480 px of cell (1, 2), 320 of cell (1, 3)
         colour_shares=(("white", 1.0),),
     )
+
+
+@pytest.mark.engine
+def test_layout_targets_name_each_image_token_s_place_content_and_shape_box() -> None:
+    """A 112 x 56 picture is seen as it is (4 x 2 merged tokens of 28 px), row by row."""
+    import torch
+
     grid = torch.tensor([[1, 4, 8]])  # t, h, w in 14 px patches
-    got = layout_targets([scene], grid, TrainConfig())
+    got = layout_targets([_hand_built_scene()], grid, TrainConfig())
     assert got["layout_rows"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     assert got["layout_cols"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
     red_circle, blue_square, word = 1, 1 + 1 * 6 + 4, 19
@@ -87,6 +93,43 @@ def test_layout_targets_name_each_image_token_s_place_content_and_shape_box() ->
     boxes = got["layout_boxes"]
     assert boxes[0].tolist() == pytest.approx([0, 0, 28 / 112, 28 / 56])
     assert boxes[1].tolist() == pytest.approx([30 / 112, 0, 50 / 112, 20 / 56])
+
+
+@pytest.mark.engine
+def test_attention_targets_point_each_object_s_tokens_at_its_cells(tmp_path: Path) -> None:
+    """Hand-worked: shapes in reading order (all at the top: left to right) are a circle in
+    cell 0, a square in cell 1 and a triangle in cell 3; the word covers cells 6 and 7."""
+    import transformers
+
+    cfg = TrainConfig(batch=1)
+    build_untrained(tmp_path / "m", load_catalog(None), cfg)
+    processor = transformers.AutoProcessor.from_pretrained(str(tmp_path / "m"))  # type: ignore[no-untyped-call]
+    batcher = Batcher(processor, load_catalog(None), cfg)
+    scene = _hand_built_scene()
+    expected_cells: dict[str, dict[str, tuple[int, ...]]] = {
+        "object-detection": {"circle": (0,), "square": (1,), "triangle": (3,)},
+        "text-recognition": {"OPEN": (6, 7)},
+    }
+    for slug, cells in expected_cells.items():
+        answer = compact(scene_answers(scene, cfg.min_pixels, cfg.max_pixels)[slug])
+        text = batcher.short_prompts[slug] + answer + "<|im_end|>"
+        inputs = dict(processor(text=[text], images=[scene.image], return_tensors="pt"))
+        assert inputs["image_grid_thw"].tolist() == [[1, 4, 8]]
+        got = attention_targets(processor, [Sample("k", slug)], [scene], inputs, cfg)
+        ids = inputs["input_ids"][0].tolist()
+        image = [i for i, t in enumerate(ids) if processor.tokenizer.decode([t]) == "<|image_pad|>"]
+        assert len(image) == 8
+        seen: dict[str, bool] = {}
+        for query in got["attend_rows"][0].nonzero().flatten().tolist():
+            word = processor.tokenizer.decode([ids[query + 1]])
+            keys = got["attend_mask"][0, query].nonzero().flatten().tolist()
+            for name, where in cells.items():
+                if word in name and len(word) > 1:  # a piece of the name: its cells, no others
+                    assert keys == [image[c] for c in where], (word, keys)
+                    seen[name] = True
+        assert set(seen) == set(cells)
+        # the JSON around the boxed things (the key names, the description) is not taught
+        assert int(got["attend_rows"].sum()) < len(processor.tokenizer(answer)["input_ids"])
 
 
 @pytest.mark.engine
@@ -113,12 +156,17 @@ def test_the_shared_prefix_loss_equals_the_loss_of_whole_sequences(tmp_path: Pat
         batch = batcher(samples)
         with torch.no_grad():
             shared = answer_loss(model, batch)
-            # the layout head reads the image tokens and leaves the answers' loss alone
-            answers, parts = answer_loss(model, batch, head, cfg.layout_layer)
-        assert float(answers) == float(shared)
+            # the layout head and the attention loss leave the answers' loss alone
+            model.set_attn_implementation("eager")
+            answers, parts, attention = training_losses(model, batch, head, cfg)
+            model.set_attn_implementation("sdpa")
+        assert float(answers) == pytest.approx(float(shared), rel=1e-5)
         tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
         assert tokens == len(batch["layout_rows"]) > 0
         assert parts.shape == (4,) and bool(torch.isfinite(parts).all())
+        assert attention.shape == (2,) and bool(torch.isfinite(attention).all())
+        # people-count writes about no boxed thing: nothing to look at is taught
+        assert (float(batch["attend_rows"].sum()) > 0) == (slug != "people-count")
         texts, images, lengths = [], [], []
         for key in keys:
             scene = labelled_scene(key)

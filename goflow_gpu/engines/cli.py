@@ -78,6 +78,13 @@ def train_tiny(
             "and that shape's box; a training-only head). 0 trains on the answers alone."
         ),
     ] = 0.2,
+    attention_weight: Annotated[
+        float,
+        typer.Option(
+            help="Weight of the attention loss (while the answer writes about a shape or the "
+            "word, one head per block looks at its image tokens). 0 leaves attention free."
+        ),
+    ] = 0.5,
     device: Annotated[
         str, typer.Option(help="cpu, or cuda on a GPU node (same recipe, minutes not hours).")
     ] = "cpu",
@@ -119,6 +126,7 @@ def train_tiny(
         lr=lr,
         warmup=warmup,
         layout_weight=layout_weight,
+        attention_weight=attention_weight,
         device=device,
     )
     command = "goflow-gpu " + shlex.join(sys.argv[1:])

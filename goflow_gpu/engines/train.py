@@ -44,6 +44,13 @@ that shape's box. After 250 steps with it the same probes read rows at 91%, colu
 boxes within 7% of the image's sides, and the answers started naming the shapes' colours. The
 head is dropped at the end: the saved model is a plain Qwen2.5-VL.
 
+The attention loss (``attention_weight``, :func:`attention_targets`): with the layout learned,
+the answers still did not read it (the kind of a lone shape at chance after 400 more steps;
+the last block gave the picture 1-3% of its attention). One head in each of
+``attention_layers`` is taught to look at the image tokens of the thing the answer is writing
+about; within 200 steps the kind's loss halved. Training then runs eager attention (the only
+kind that returns weights); serving is unchanged.
+
 Why whole prompts: the worker sends the catalog's long prompts (about 210 tokens of system prompt
 and 160-190 of instructions with the catalog-trained tokenizer, 350 and 210-280 with the tiny
 builder's); a model trained only on a short private prompt would meet a different input at
@@ -72,6 +79,7 @@ from goflow_gpu.engines.scene_answers import (
     LEARNED_ANALYSES,
     compact,
     model_size,
+    reading_order,
     scene_answers,
 )
 from goflow_gpu.engines.scene_model import TRAINING_FILE
@@ -79,7 +87,7 @@ from goflow_gpu.evaluation.scenes import GradeSummary, grade, summarise
 from goflow_gpu.prompts.catalog import Catalog, load_catalog
 from goflow_gpu.prompts.qa import check_output
 from goflow_gpu.prompts.result import result_schema
-from goflow_gpu.simulator.images import labelled_scene
+from goflow_gpu.simulator.images import Box, labelled_scene
 
 EVAL_MAX_TOKENS = 256
 
@@ -125,6 +133,10 @@ class TrainConfig:
     """Weight of the layout loss (:func:`layout_targets`); 0 trains on the answers alone."""
     layout_layer: int = 2
     """Which block's output at the image tokens the layout head reads."""
+    attention_weight: float = 0.5
+    """Weight of the attention loss (:func:`attention_targets`); 0 leaves attention free."""
+    attention_layers: tuple[int, ...] = (2, 3)
+    """Blocks whose first head is taught to look at the object being written."""
 
 
 @dataclass(frozen=True)
@@ -249,6 +261,8 @@ class Batcher:
         inputs["prefix_ids"] = self.short_prefix_ids if short else self.prefix_ids
         if self.cfg.layout_weight > 0:
             inputs.update(layout_targets(scenes, inputs["image_grid_thw"], self.cfg))
+        if self.cfg.attention_weight > 0:
+            inputs.update(attention_targets(self.processor, samples, scenes, inputs, self.cfg))
         return inputs
 
 
@@ -368,14 +382,108 @@ def layout_loss(head: Any, states: Any, batch: dict[str, Any]) -> Any:
     )
 
 
-def answer_loss(model: Any, batch: dict[str, Any], head: Any = None, layer: int = 2) -> Any:
-    """Mean cross-entropy of the answer tokens, the shared prefix encoded once; plus, given
-    a layout ``head``, :func:`layout_loss` on block ``layer``'s output at the image tokens
-    (returned separately: ``(answers, layout)``)."""
+def grounded_spans(
+    slug: str, answer: str, scene: Any, min_pixels: int, max_pixels: int
+) -> list[tuple[int, int, Box]]:
+    """``(start, end, box)``: the characters of ``answer`` that write about one boxed thing
+    (an object of object-detection, the text block of text-recognition) and its scene box."""
+    values = scene_answers(scene, min_pixels, max_pixels)[slug]
+    if slug == "object-detection":
+        pieces = zip(values["objects_detected"], reading_order(scene.shapes), strict=True)
+        items = [(piece, shape.box) for piece, shape in pieces]
+    elif slug == "text-recognition":
+        items = [(values["text_blocks"][0], scene.word_box)]
+    else:
+        return []
+    spans, at = [], 0
+    for piece, box in items:
+        start = answer.index(compact(piece), at)
+        at = start + len(compact(piece))
+        spans.append((start, at, box))
+    return spans
+
+
+def attention_targets(
+    processor: Any, samples: list[Sample], scenes: list[Any], inputs: dict[str, Any], cfg: Any
+) -> dict[str, Any]:
+    """Where the answer should look while it writes about a thing: that thing's image tokens.
+
+    Why: with the layout loss the image tokens knew their place, kind and box (linear probes:
+    rows 100%, columns 97%, boxes within 4%), yet the answer did not read them: on one-shape
+    scenes the kind token stayed at chance (1.094 nats, ln 3 = 1.099) after 400 more steps, and
+    the last block's attention from that position put 1-3% of its weight on the picture. So the
+    first head of each of ``attention_layers`` is taught, at every position that predicts a
+    token of an object (from its name to its closing brace) or of the text block, to put its
+    weight on the image tokens whose cells that thing's box overlaps: ``attend_mask[row, query,
+    key]`` over the unshared part of the sequence, ``attend_rows[row, query]`` the positions
+    taught. In a 200-step trial the kind's loss fell to 0.58 and the colour's from 1.34 to 0.76.
+    """
+    import torch
+
+    ids = inputs["input_ids"]
+    rows, length = ids.shape
+    tokenizer = processor.tokenizer
+    mask = torch.zeros(rows, length, length, dtype=torch.bool)
+    taught = torch.zeros(rows, length)
+    image = ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for row, (sample, scene) in enumerate(zip(samples, scenes, strict=True)):
+        answer = compact(scene_answers(scene, cfg.min_pixels, cfg.max_pixels)[sample.slug])
+        spans = grounded_spans(sample.slug, answer, scene, cfg.min_pixels, cfg.max_pixels)
+        if not spans:
+            continue
+        offsets = tokenizer(answer + _END, return_offsets_mapping=True)["offset_mapping"]
+        first = length - len(offsets)  # the answer ends the left-padded row
+        _, grid_h, grid_w = inputs["image_grid_thw"][row].tolist()
+        height, width = grid_h // 2, grid_w // 2
+        cells = image[row].nonzero().flatten().tolist()  # row by row, as layout_targets
+        scale_x = width * 28 / scene.image.size[0]
+        scale_y = height * 28 / scene.image.size[1]
+        for start, end, box in spans:
+            corners = _scaled(box, scale_x, scale_y)
+            look = [
+                cells[r * width + c]
+                for r in range(height)
+                for c in range(width)
+                if _overlap((c * 28, r * 28, c * 28 + 28, r * 28 + 28), corners) > 0
+            ]
+            for index, (a, _z) in enumerate(offsets):
+                if start <= a < end:
+                    query = first + index - 1  # the position that predicts this token
+                    taught[row, query] = 1
+                    mask[row, query, look] = True
+    return {"attend_mask": mask, "attend_rows": taught}
+
+
+def attention_loss(weights: Any, batch: dict[str, Any]) -> Any:
+    """``-log`` of the weight the first head puts on the taught image tokens, averaged over
+    the taught positions; ``weights`` is one block's ``[rows, heads, queries, keys]``."""
+    import torch
+
+    mask, taught = batch["attend_mask"], batch["attend_rows"]
+    own = weights[:, 0, :, -mask.shape[-1] :]  # the shared prefix's keys come first
+    mass = (own * mask).sum(-1)
+    return -(torch.log(mass + 1e-4) * taught).sum() / taught.sum().clamp(min=1)
+
+
+def answer_loss(model: Any, batch: dict[str, Any]) -> Any:
+    """Mean cross-entropy of the answer tokens, the shared prefix encoded once."""
+    return training_losses(model, batch)[0]
+
+
+def training_losses(
+    model: Any, batch: dict[str, Any], head: Any = None, cfg: TrainConfig | None = None
+) -> tuple[Any, Any, Any]:
+    """``(answers, layout, attention)``: the mean cross-entropy of the answer tokens (the shared
+    prefix encoded once); given a layout ``head``, :func:`layout_loss`'s four parts on block
+    ``cfg.layout_layer``'s output at the image tokens; when the batch carries attention targets,
+    :func:`attention_loss` per block of ``cfg.attention_layers`` (the model must run eager
+    attention to return its weights). Parts not asked for are ``None``."""
     import torch
     from transformers import DynamicCache
 
-    inputs = {k: v for k, v in batch.items() if not k.startswith("layout_")}
+    extra = ("layout_", "attend_")
+    inputs = {k: v for k, v in batch.items() if not k.startswith(extra)}
+    attend = cfg is not None and "attend_mask" in batch
     targets, prefix = inputs.pop("targets"), inputs.pop("prefix_ids")
     rows, plen = inputs["input_ids"].shape[0], prefix.shape[1]
     full_ids = torch.cat([prefix.expand(rows, -1), inputs["input_ids"]], dim=1)
@@ -401,15 +509,21 @@ def answer_loss(model: Any, batch: dict[str, Any], head: Any = None, layer: int 
         use_cache=True,
         logits_to_keep=keep + 1,
         output_hidden_states=head is not None,
+        output_attentions=attend,
     )
     logits = out.logits[:, :-1].float()
     answers = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
     )
-    if head is None:
-        return answers
-    image = inputs["input_ids"] == model.config.image_token_id
-    return answers, layout_loss(head, out.hidden_states[layer][image], batch)
+    layout = attention = None
+    if head is not None and cfg is not None:
+        image = inputs["input_ids"] == model.config.image_token_id
+        layout = layout_loss(head, out.hidden_states[cfg.layout_layer][image], batch)
+    if attend and cfg is not None:
+        attention = torch.stack(
+            [attention_loss(out.attentions[n], batch) for n in cfg.attention_layers]
+        )
+    return answers, layout, attention
 
 
 def _prefetch(
@@ -596,26 +710,30 @@ def train(
         torch.manual_seed(cfg.seed + 1)
         head = layout_head(model.config.text_config.hidden_size).to(cfg.device)
         optimizer.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0})
+    if cfg.attention_weight > 0:  # the attention loss needs the weights, which only eager gives
+        model.set_attn_implementation("eager")
     model.to(cfg.device).train()
     batcher = Batcher(processor, catalog, cfg)
     batches = _prefetch(batcher, plan_samples(cfg))
     heldout = heldout_keys(cfg.eval_scenes)
     started = time.monotonic()
     running: float | None = None
-    layout_running: Any = None
+    aux_running: Any = None
     history: list[dict[str, Any]] = []
     for step, inputs in enumerate(batches):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         inputs = {k: v.to(cfg.device) for k, v in inputs.items()}
-        if head is None:
-            loss = answer_loss(model, inputs)
-            total = loss
-        else:
-            loss, parts = answer_loss(model, inputs, head, cfg.layout_layer)
-            total = loss + cfg.layout_weight * parts.sum()
-            now = parts.detach().cpu()
-            layout_running = now if step == 0 else 0.95 * layout_running + 0.05 * now
+        loss, layout, attention = training_losses(model, inputs, head, cfg)
+        total = loss
+        if layout is not None:
+            total = total + cfg.layout_weight * layout.sum()
+        if attention is not None:
+            total = total + cfg.attention_weight * attention.sum()
+        parts = [p.detach().cpu() for p in (layout, attention) if p is not None]
+        if parts:
+            now = torch.cat(parts)
+            aux_running = now if step == 0 else 0.95 * aux_running + 0.05 * now
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
@@ -627,8 +745,8 @@ def train(
             rate = done / (time.monotonic() - started)
             left = (cfg.steps - done) / rate
             extra = ""
-            if head is not None:  # row, column, content, box
-                extra = " layout " + "/".join(f"{v:.2f}" for v in layout_running.tolist())
+            if aux_running is not None:  # row, column, content, box; then attention per block
+                extra = " aux " + "/".join(f"{v:.2f}" for v in aux_running.tolist())
             echo(
                 f"step {done}/{cfg.steps} loss {running:.4f}{extra} "
                 f"({rate:.2f} steps/s, {left / 60:.0f} min left)"
