@@ -115,7 +115,16 @@ def test_attention_targets_point_each_object_s_tokens_at_its_cells(tmp_path: Pat
         text = batcher.short_prompts[slug] + answer + "<|im_end|>"
         inputs = dict(processor(text=[text], images=[scene.image], return_tensors="pt"))
         assert inputs["image_grid_thw"].tolist() == [[1, 4, 8]]
-        got = attention_targets(processor, [Sample("k", slug)], [scene], inputs, cfg)
+        values = scene_answers(scene, cfg.min_pixels, cfg.max_pixels)[slug]
+        tokens = processor.tokenizer(answer + "<|im_end|>", return_offsets_mapping=True)
+        got = attention_targets(
+            batcher.image_token,
+            [Sample("k", slug)],
+            [scene],
+            [values],
+            [tokens["offset_mapping"]],
+            inputs,
+        )
         ids = inputs["input_ids"][0].tolist()
         image = [i for i, t in enumerate(ids) if processor.tokenizer.decode([t]) == "<|image_pad|>"]
         assert len(image) == 8

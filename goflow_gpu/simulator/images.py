@@ -143,7 +143,7 @@ SCENE_WORDS: tuple[str, ...] = (
     "OPEN", "SALE", "EXIT", "CAFE", "PARK", "MENU", "STOP", "TAXI", "HOTEL", "BOOKS", "FRESH",
 )  # fmt: skip
 _SCENE_BACKGROUNDS: tuple[str, ...] = ("white", "white", "grey", "black")
-_SCENE_FILLS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple")
+SCENE_FILLS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple")
 _SCENE_SIZES: tuple[tuple[int, int], ...] = ((512, 384), (384, 512), (448, 448), (512, 288))
 
 # A 5x7 block font of our own: glyphs drawn as filled cells, so the text is identical with any
@@ -233,7 +233,7 @@ def labelled_scene(
     short = min(width, height)
     for _ in range(rng.randint(*count)):
         side = rng.randint(short * 15 // 100, short * 28 // 100)
-        kind, colour = rng.choice(SCENE_KINDS), rng.choice(_SCENE_FILLS)
+        kind, colour = rng.choice(SCENE_KINDS), rng.choice(SCENE_FILLS)
         for _attempt in range(100):
             x = rng.randint(margin, width - margin - side)
             y = rng.randint(margin, height - margin - side)
