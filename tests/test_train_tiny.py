@@ -98,7 +98,8 @@ def test_layout_targets_name_each_image_token_s_place_content_and_shape_box() ->
 @pytest.mark.engine
 def test_attention_targets_point_each_object_s_tokens_at_its_cells(tmp_path: Path) -> None:
     """Hand-worked: shapes in reading order (all at the top: left to right) are a circle in
-    cell 0, a square in cell 1 and a triangle in cell 3; the word covers cells 6 and 7."""
+    cell 0, a square in cell 1 and a triangle in cell 3; the word covers cells 6 and 7. The
+    description ("A red circle, ... and the word OPEN") looks at the same cells again."""
     import transformers
 
     cfg = TrainConfig(batch=1)
@@ -107,7 +108,15 @@ def test_attention_targets_point_each_object_s_tokens_at_its_cells(tmp_path: Pat
     batcher = Batcher(processor, load_catalog(None), cfg)
     scene = _hand_built_scene()
     expected_cells: dict[str, dict[str, tuple[int, ...]]] = {
-        "object-detection": {"circle": (0,), "square": (1,), "triangle": (3,)},
+        "object-detection": {  # the objects, then the description's colours and word
+            "circle": (0,),
+            "square": (1,),
+            "triangle": (3,),
+            "red": (0,),
+            "blue": (1,),
+            "green": (3,),
+            "OPEN": (6, 7),
+        },
         "text-recognition": {"OPEN": (6, 7)},
     }
     for slug, cells in expected_cells.items():
@@ -130,14 +139,14 @@ def test_attention_targets_point_each_object_s_tokens_at_its_cells(tmp_path: Pat
         assert len(image) == 8
         seen: dict[str, bool] = {}
         for query in got["attend_rows"][0].nonzero().flatten().tolist():
-            word = processor.tokenizer.decode([ids[query + 1]])
+            word = processor.tokenizer.decode([ids[query + 1]]).strip()
             keys = got["attend_mask"][0, query].nonzero().flatten().tolist()
             for name, where in cells.items():
                 if word in name and len(word) > 1:  # a piece of the name: its cells, no others
                     assert keys == [image[c] for c in where], (word, keys)
                     seen[name] = True
         assert set(seen) == set(cells)
-        # the JSON around the boxed things (the key names, the description) is not taught
+        # the JSON around the boxed things (the key names, "A", "background") is not taught
         assert int(got["attend_rows"].sum()) < len(processor.tokenizer(answer)["input_ids"])
 
 
@@ -282,3 +291,23 @@ def test_a_bad_mix_is_refused_by_name(item: str, tmp_path: Path) -> None:
     assert out.exit_code == 2
     assert f"--mix {item!r}" in out.output
     assert not (tmp_path / "m").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("value", ["0-2", "3-2", "1-5", "two", "1-"])
+def test_a_bad_shape_count_is_refused_by_name(value: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from goflow_gpu.cli import app
+
+    out = CliRunner().invoke(app, ["dev", "train-tiny", str(tmp_path / "m"), "--shapes", value])
+    assert out.exit_code == 2
+    assert f"--shapes {value!r}" in out.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_shape_count_reaches_the_training_config() -> None:
+    from goflow_gpu.engines.cli import _parse_shapes
+
+    assert _parse_shapes("1-1") == (1, 1)
+    assert _parse_shapes("2") == (2, 2)
+    assert _parse_shapes("1-4") == (1, 4)

@@ -85,6 +85,14 @@ def train_tiny(
             "word, one head per block looks at its image tokens). 0 leaves attention free."
         ),
     ] = 0.5,
+    shapes: Annotated[
+        str,
+        typer.Option(
+            metavar="LO-HI",
+            help="Fewest and most shapes in a training scene (and the held-out ones); the "
+            "simulator draws 1-4. Fewer first is a cheap curriculum: 1-1, then 1-4.",
+        ),
+    ] = "1-4",
     device: Annotated[
         str, typer.Option(help="cpu, or cuda on a GPU node (same recipe, minutes not hours).")
     ] = "cpu",
@@ -127,6 +135,7 @@ def train_tiny(
         warmup=warmup,
         layout_weight=layout_weight,
         attention_weight=attention_weight,
+        shapes=_parse_shapes(shapes),
         device=device,
     )
     command = "goflow-gpu " + shlex.join(sys.argv[1:])
@@ -141,6 +150,22 @@ def train_tiny(
     typer.echo(f"trained model written to {directory}")
     for summary in final.values():
         typer.echo(f"  {summary.line()}")
+
+
+def _parse_shapes(text: str) -> tuple[int, int]:
+    """``"1-4"`` -> (1, 4), ``"2"`` -> (2, 2); exit 2 naming the value unless
+    1 <= LO <= HI <= 4."""
+    low, dash, high = text.partition("-")
+    try:
+        bounds = (int(low), int(high if dash else low))
+    except ValueError:
+        bounds = (0, 0)
+    if not 1 <= bounds[0] <= bounds[1] <= 4:
+        typer.echo(
+            f"--shapes {text!r}: expected LO-HI with 1 <= LO <= HI <= 4 (e.g. 1-4)", err=True
+        )
+        raise typer.Exit(2)
+    return bounds
 
 
 def _parse_mix(items: list[str]) -> dict[str, float]:
