@@ -293,7 +293,7 @@ def test_a_bad_mix_is_refused_by_name(item: str, tmp_path: Path) -> None:
     assert not (tmp_path / "m").exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("value", ["0-2", "3-2", "1-5", "two", "1-"])
+@pytest.mark.parametrize("value", ["0-2", "3-2", "1-4", "two", "1-"])
 def test_a_bad_shape_count_is_refused_by_name(value: str, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
@@ -305,9 +305,25 @@ def test_a_bad_shape_count_is_refused_by_name(value: str, tmp_path: Path) -> Non
     assert not (tmp_path / "m").exists()
 
 
-def test_the_shape_count_reaches_the_training_config() -> None:
-    from goflow_gpu.engines.cli import _parse_shapes
+@pytest.mark.parametrize(
+    ("args", "wanted"),
+    [([], (1, 3)), (["--shapes", "1-1"], (1, 1)), (["--shapes", "2"], (2, 2))],
+)
+def test_the_shape_count_reaches_the_training_config(
+    args: list[str], wanted: tuple[int, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
 
-    assert _parse_shapes("1-1") == (1, 1)
-    assert _parse_shapes("2") == (2, 2)
-    assert _parse_shapes("1-4") == (1, 4)
+    import goflow_gpu.engines.train as train_module
+    from goflow_gpu.cli import app
+
+    seen: list[TrainConfig] = []
+
+    def record(directory: Path, cfg: TrainConfig, **_: object) -> dict[str, object]:
+        seen.append(cfg)
+        return {}
+
+    monkeypatch.setattr(train_module, "train", record)
+    out = CliRunner().invoke(app, ["dev", "train-tiny", str(tmp_path / "m"), *args])
+    assert out.exit_code == 0, out.output
+    assert [cfg.shapes for cfg in seen] == [wanted]

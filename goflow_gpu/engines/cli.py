@@ -86,13 +86,13 @@ def train_tiny(
         ),
     ] = 0.5,
     shapes: Annotated[
-        str,
+        str | None,
         typer.Option(
             metavar="LO-HI",
-            help="Fewest and most shapes in a training scene (and the held-out ones); the "
-            "simulator draws 1-4. Fewer first is a cheap curriculum: 1-1, then 1-4.",
+            help="Fewest and most shapes in a training scene (and the held-out ones); default "
+            "what the simulator draws, 1-3. Fewer first is a cheap curriculum: 1-1, then 1-3.",
         ),
-    ] = "1-4",
+    ] = None,
     device: Annotated[
         str, typer.Option(help="cpu, or cuda on a GPU node (same recipe, minutes not hours).")
     ] = "cpu",
@@ -135,7 +135,7 @@ def train_tiny(
         warmup=warmup,
         layout_weight=layout_weight,
         attention_weight=attention_weight,
-        shapes=_parse_shapes(shapes),
+        shapes=TrainConfig().shapes if shapes is None else _parse_shapes(shapes),
         device=device,
     )
     command = "goflow-gpu " + shlex.join(sys.argv[1:])
@@ -153,16 +153,20 @@ def train_tiny(
 
 
 def _parse_shapes(text: str) -> tuple[int, int]:
-    """``"1-4"`` -> (1, 4), ``"2"`` -> (2, 2); exit 2 naming the value unless
-    1 <= LO <= HI <= 4."""
+    """``"1-3"`` -> (1, 3), ``"2"`` -> (2, 2); exit 2 naming the value unless
+    1 <= LO <= HI <= the most shapes a scene holds."""
+    from goflow_gpu.simulator.images import SCENE_MAX_SHAPES
+
     low, dash, high = text.partition("-")
     try:
         bounds = (int(low), int(high if dash else low))
     except ValueError:
         bounds = (0, 0)
-    if not 1 <= bounds[0] <= bounds[1] <= 4:
+    if not 1 <= bounds[0] <= bounds[1] <= SCENE_MAX_SHAPES:
         typer.echo(
-            f"--shapes {text!r}: expected LO-HI with 1 <= LO <= HI <= 4 (e.g. 1-4)", err=True
+            f"--shapes {text!r}: expected LO-HI with 1 <= LO <= HI <= {SCENE_MAX_SHAPES}"
+            f" (e.g. 1-{SCENE_MAX_SHAPES})",
+            err=True,
         )
         raise typer.Exit(2)
     return bounds

@@ -43,10 +43,19 @@ def reading_order(shapes: tuple[SceneShape, ...]) -> list[SceneShape]:
     return sorted(shapes, key=lambda s: (s.box[1], s.box[0]))
 
 
+def described_things(scene: LabelledScene) -> list[tuple[str, Box]]:
+    """The phrases of :func:`describe` that each name one boxed thing, with its box, in the
+    order written: ``"red circle"`` for each shape, then ``"word OPEN"``."""
+    things = [(f"{s.colour} {s.kind}", s.box) for s in reading_order(scene.shapes)]
+    things.append((f"word {scene.word}", scene.word_box))
+    return things
+
+
 def describe(scene: LabelledScene) -> str:
     """``"A red circle, a blue square and the word OPEN on a white background."``"""
-    parts = [f"{_article(s.colour)} {s.colour} {s.kind}" for s in reading_order(scene.shapes)]
-    parts.append(f"the word {scene.word}")
+    *shapes, (word, _) = described_things(scene)
+    parts = [f"{_article(phrase)} {phrase}" for phrase, _ in shapes]
+    parts.append(f"the {word}")
     listed = ", ".join(parts[:-1]) + " and " + parts[-1]
     ground = f"{_article(scene.background)} {scene.background} background"
     return f"{listed[0].upper()}{listed[1:]} on {ground}."

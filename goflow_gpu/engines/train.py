@@ -78,6 +78,7 @@ from goflow_gpu.engines.chat import chat_messages
 from goflow_gpu.engines.scene_answers import (
     LEARNED_ANALYSES,
     compact,
+    described_things,
     model_size,
     reading_order,
     scene_answers,
@@ -87,7 +88,7 @@ from goflow_gpu.evaluation.scenes import GradeSummary, grade, summarise
 from goflow_gpu.prompts.catalog import Catalog, load_catalog
 from goflow_gpu.prompts.qa import check_output
 from goflow_gpu.prompts.result import result_schema
-from goflow_gpu.simulator.images import Box, labelled_scene
+from goflow_gpu.simulator.images import SCENE_MAX_SHAPES, Box, labelled_scene
 
 EVAL_MAX_TOKENS = 256
 
@@ -127,8 +128,8 @@ class TrainConfig:
     """Index of the first training scene (a continued run sets it past the scenes seen)."""
     short_share: float = 0.5
     """Share of batches asked with the short prompt (see the module docstring)."""
-    shapes: tuple[int, int] = (1, 4)
-    """Fewest and most shapes a training (and held-out) scene has; the simulator's are 1-4."""
+    shapes: tuple[int, int] = (1, SCENE_MAX_SHAPES)
+    """Fewest and most shapes a training (and held-out) scene has; by default the simulator's."""
     layout_weight: float = 0.2
     """Weight of the layout loss (:func:`layout_targets`); 0 trains on the answers alone."""
     layout_layer: int = 2
@@ -416,8 +417,7 @@ def grounded_spans(slug: str, values: dict[str, Any], scene: Any) -> list[tuple[
         # The description names each shape's colour (the only place the answer does): its
         # phrase looks at that shape, and "word X" at the word, in the order describe() wrote.
         # (The leading space: the tokenizer writes it at the front of the colour's token.)
-        items += [(f" {shape.colour} {shape.kind}", shape.box) for shape in shapes]
-        items.append((f" word {scene.word}", scene.word_box))
+        items += [(f" {phrase}", box) for phrase, box in described_things(scene)]
     elif slug == "text-recognition":
         items = [(compact(values["text_blocks"][0]), scene.word_box)]
     else:

@@ -144,6 +144,8 @@ SCENE_WORDS: tuple[str, ...] = (
 )  # fmt: skip
 _SCENE_BACKGROUNDS: tuple[str, ...] = ("white", "white", "grey", "black")
 SCENE_FILLS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple")
+SCENE_MAX_SHAPES = 3
+"""The most shapes a scene holds (:func:`labelled_scene`'s default ``count`` is 1 to this)."""
 _SCENE_SIZES: tuple[tuple[int, int], ...] = ((512, 384), (384, 512), (448, 448), (512, 288))
 
 # A 5x7 block font of our own: glyphs drawn as filled cells, so the text is identical with any
@@ -201,12 +203,19 @@ class LabelledScene:
 
 
 def labelled_scene(
-    key: str, size: tuple[int, int] | None = None, count: tuple[int, int] = (1, 4)
+    key: str, size: tuple[int, int] | None = None, count: tuple[int, int] = (1, SCENE_MAX_SHAPES)
 ) -> LabelledScene:
     """Draw the scene for ``key`` (same key, size and ``count``, same picture): between
     ``count[0]`` and ``count[1]`` separate shapes (fewer where no room is left) and one word
     in block letters on a plain background. ``size`` defaults to one of a few landscape,
     portrait and square sizes, chosen by the key.
+
+    A shape's side is 30-45% of the picture's short side: at the trained tiny model's pixel
+    budget (168x168, 28 px a visual token) that is 38-63 px, one and a half to two tokens.
+    Shapes of 15-28% (the first design, up to four) were under one token: the model learned
+    roughly where each was, but a 6 px miss on a 25 px box is IoU < 0.5, and one token rarely
+    showed a circle from a square. Larger shapes leave room for fewer (three at most; the
+    first one shrinks until it fits beside the word, so every scene has one).
     """
     rng = random.Random(f"scene:{key}")
     width, height = size if size is not None else rng.choice(_SCENE_SIZES)
@@ -232,19 +241,18 @@ def labelled_scene(
     shapes: list[SceneShape] = []
     short = min(width, height)
     for _ in range(rng.randint(*count)):
-        side = rng.randint(short * 15 // 100, short * 28 // 100)
+        side = rng.randint(short * 30 // 100, short * 45 // 100)
         kind, colour = rng.choice(SCENE_KINDS), rng.choice(SCENE_FILLS)
-        for _attempt in range(100):
-            x = rng.randint(margin, width - margin - side)
-            y = rng.randint(margin, height - margin - side)
-            if not any(_near((x, y, side, side), other, margin) for other in taken):
-                break
-        else:
+        spot = _free_spot(rng, (width, height), side, margin, taken)
+        while spot is None and not shapes and side > short // 8:
+            side = side * 9 // 10  # the first shape always gets a place, a smaller one
+            spot = _free_spot(rng, (width, height), side, margin, taken)
+        if spot is None:
             continue  # no room left: fewer shapes, still deterministic
-        box = _draw_shape(draw, image.size, kind, (x, y, side), SCENE_PALETTE[colour])
-        taken.append((x, y, side, side))
+        box = _draw_shape(draw, image.size, kind, (*spot, side), SCENE_PALETTE[colour])
+        taken.append((*spot, side, side))
         shapes.append(SceneShape(kind=kind, colour=colour, box=box))
-    if not shapes:  # pragma: no cover - the first shape always fits beside one word
+    if not shapes:  # pragma: no cover - an eighth of the short side always fits beside a word
         raise RuntimeError(f"no shape fits in the scene {key!r}")
     return LabelledScene(
         image=image,
@@ -255,6 +263,19 @@ def labelled_scene(
         word_box=word_box,
         colour_shares=_colour_shares(image),
     )
+
+
+def _free_spot(
+    rng: random.Random, size: tuple[int, int], side: int, margin: int, taken: list[Box]
+) -> tuple[int, int] | None:
+    """A random top-left corner for a ``side`` square clear of ``taken`` (100 tries), or None."""
+    width, height = size
+    for _attempt in range(100):
+        x = rng.randint(margin, width - margin - side)
+        y = rng.randint(margin, height - margin - side)
+        if not any(_near((x, y, side, side), other, margin) for other in taken):
+            return x, y
+    return None
 
 
 def _near(a: Box, b: Box, gap: int) -> bool:
