@@ -1,8 +1,9 @@
 """The README's main job: `goflow-gpu demo` in a subprocess, checked through its ledger.
 
-The demo's job is labelled scenes, and the simulator grades what the worker reported. With no
-trained model in the package the demo runs the tiny random-weight model, so the grades are
-counted here, not judged.
+The demo's job is labelled scenes, and the simulator grades what the worker reported. By default
+it runs the trained tiny model the package ships (its grades are judged in test_scene_model.py);
+here ``--random-weights`` runs the flow with the random-weight model built on first use, so the
+grades are counted, not judged.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def test_demo_runs_end_to_end_grades_and_reports_every_combination_once(tmp_path
             "demo",
             "--media",
             "2",
+            "--random-weights",
             "--out",
             str(tmp_path / "out"),
         ],
