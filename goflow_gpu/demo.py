@@ -267,7 +267,7 @@ def _intro(settings: Settings) -> str:
 
 def _grades(console: Console, grades: dict[str, GradeSummary], learned: set[str] | None) -> None:
     table = Table(title="graded against the scenes' truth")
-    for column in ("analysis", "right", "boxes found", "mean IoU", "colours named", ""):
+    for column in ("analysis", "right", "boxes found", "mean IoU", "colours", "kinds", ""):
         table.add_column(column)
     for slug, grade in grades.items():
         note = ""
@@ -279,13 +279,15 @@ def _grades(console: Console, grades: dict[str, GradeSummary], learned: set[str]
             _share(grade.box_recall),
             "-" if grade.mean_iou is None else f"{grade.mean_iou:.2f}",
             _share(grade.colour_rate),
+            _share(grade.kind_rate),
             note,
         )
     console.print(table)
     console.print(
         "right: every labelled field right (all shapes found, named and boxed at IoU >= 0.5, "
         "nothing extra); boxes found: share of the drawn boxes matched at IoU >= 0.5 with the "
-        "right name; colours named: shapes whose colour and kind the description names.",
+        "right name; colours: drawn shapes whose colour the description names; kinds: drawn "
+        "shapes the objects list names as what they are (circle, square or triangle).",
         highlight=False,
     )
 

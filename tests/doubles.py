@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -201,6 +204,18 @@ def tiny_vllm_config(model_dir: Path, **extra: Any) -> dict[str, Any]:
         "max_pixels": 224 * 224,
         **extra,
     }
+
+
+def run_cli_offline(
+    tmp_path: Path, *args: str, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    """``python -m goflow_gpu ARGS`` in a subprocess, as on a fresh machine with no network: its
+    cache (the random tiny model is built there on first use) under ``tmp_path / "cache"``, the
+    model hub offline, and no API key (the demo's simulator needs none; a key must not leak)."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    env.pop("GOFLOW_API_KEY", None)
+    command = [sys.executable, "-m", "goflow_gpu", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def strict_object(**properties: Any) -> dict[str, Any]:

@@ -9,37 +9,18 @@ grades are counted, not judged.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from goflow_gpu.demo import DemoOptions, demo_settings, demo_slugs
+from tests.doubles import run_cli_offline
 
 
 @pytest.mark.engine
 def test_demo_runs_end_to_end_grades_and_reports_every_combination_once(tmp_path: Path) -> None:
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
-    env.pop("GOFLOW_API_KEY", None)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "goflow_gpu",
-            "demo",
-            "--media",
-            "2",
-            "--random-weights",
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    out = str(tmp_path / "out")
+    done = run_cli_offline(tmp_path, "demo", "--media", "2", "--random-weights", "--out", out)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "random weights" in done.stdout
     assert "exactly-once check" in done.stdout

@@ -101,6 +101,7 @@ def test_every_taught_answer_passes_the_worker_qa_and_grades_right() -> None:
     assert list(summary) == list(LEARNED_ANALYSES)
     assert all(s.right == s.answers == 12 for s in summary.values())
     assert summary["object-detection"].colour_rate == 1.0
+    assert summary["object-detection"].kind_rate == 1.0
     iou = summary["text-recognition"].mean_iou
     assert iou is not None and iou > 0.85  # 168 px of model space: a pixel or two lost
 
@@ -127,27 +128,36 @@ def test_a_right_wire_answer_is_right_whatever_its_order() -> None:
     result = grade("object-detection", RIGHT_OBJECTS, SCENE, _schema("object-detection"))
     assert result.right
     assert (result.boxes_expected, result.boxes_matched, result.boxes_predicted) == (2, 2, 2)
-    assert result.colours_expected == result.colours_named == 2
+    assert result.shapes_drawn == result.colours_named == result.kinds_named == 2
     assert min(result.ious) > 0.9
 
 
 @pytest.mark.parametrize(
-    ("change", "matched", "colours"),
+    ("change", "matched", "colours", "kinds"),
     [
-        # the circle's box moved by its own width: no longer found
-        (lambda r: r["objects_detected"][1]["bounding_box"].update(x=272), 1, 2),
-        # right box, wrong name: not a match (a circle must be called a circle)
-        (lambda r: r["objects_detected"][1].update(name="triangle"), 1, 2),
+        # the circle's box moved by its own width: no longer found, still named a circle
+        (lambda r: r["objects_detected"][1]["bounding_box"].update(x=272), 1, 2, 2),
+        # right box, wrong name: not a match (a circle must be called a circle), one kind missed
+        (lambda r: r["objects_detected"][1].update(name="triangle"), 1, 2, 1),
+        # both shapes called squares: the kind counts as a multiset, one square is drawn
+        (lambda r: r["objects_detected"][1].update(name="square"), 1, 2, 1),
         # a colour wrong in the description: boxes fine, one colour missed
-        (lambda r: r.update(image_description="A blue circle and a red square."), 2, 1),
+        (lambda r: r.update(image_description="A blue circle and a red square."), 2, 1, 2),
+        # the right colours on the wrong kinds: a colour is a colour (the kinds are the list's)
+        (lambda r: r.update(image_description="An orange square and a red circle."), 2, 2, 2),
+        # a colour without a shape after it is not a shape's colour
+        (lambda r: r.update(image_description="Orange and red things."), 2, 0, 2),
     ],
 )
-def test_a_wrong_part_makes_the_answer_wrong(change: Any, matched: int, colours: int) -> None:
+def test_a_wrong_part_makes_the_answer_wrong(
+    change: Any, matched: int, colours: int, kinds: int
+) -> None:
     result = copy.deepcopy(RIGHT_OBJECTS)
     change(result)
     graded = grade("object-detection", result, SCENE, _schema("object-detection"))
     assert graded.boxes_matched == matched
     assert graded.colours_named == colours
+    assert graded.kinds_named == kinds
     assert not graded.right or matched == 2  # a colour is not a labelled field
 
 

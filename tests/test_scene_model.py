@@ -5,16 +5,12 @@ the catalog specs it learned), and it answers scenes it never saw about as well 
 shipped, through vLLM CPU (the README's demo: the simulator grades every answer the worker
 reports) and through transformers (`prompts eval` on the starter set). The floors sit a margin
 below the figures measured when it was shipped (PROMPTS.md, "The trained tiny model"): a rebuild
-or another library version may move a few answers, not the level. Random weights find no box
-at IoU >= 0.5 and name no colour of a shape (the random-weight demo in test_demo.py).
+or another library version may move a few answers, not the level.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +20,7 @@ from goflow_gpu.engines.scene_answers import LEARNED_ANALYSES
 from goflow_gpu.engines.scene_model import SCENE_MODEL, read_training, trained_pixel_budget
 from goflow_gpu.engines.train import stale_specs
 from goflow_gpu.prompts.catalog import load_catalog
+from tests.doubles import run_cli_offline
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET = (56 * 56, 168 * 168)
@@ -64,19 +61,10 @@ def test_the_shipped_model_is_served_as_it_was_trained(tmp_path: Path) -> None:
     assert size < 16_000_000
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
-    env.pop("GOFLOW_API_KEY", None)
-    return env
-
-
 @pytest.mark.engine
 def test_through_vllm_the_demo_grades_the_trained_answers(tmp_path: Path) -> None:
     """The README's main job with its defaults: 24 held-out scenes x the learned analyses."""
-    done = subprocess.run(
-        [sys.executable, "-m", "goflow_gpu", "demo", "--media", "24", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=_env(tmp_path), timeout=900,
-    )  # fmt: skip
+    done = run_cli_offline(tmp_path, "demo", "--media", "24", "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "trained on the simulator's scenes" in done.stdout
     ledger = json.loads((tmp_path / "ledger.json").read_text())
@@ -94,13 +82,10 @@ def test_through_vllm_the_demo_grades_the_trained_answers(tmp_path: Path) -> Non
 
 @pytest.mark.engine
 def test_through_transformers_prompts_eval_scores_the_starter_set(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable, "-m", "goflow_gpu", "prompts", "eval", str(ROOT / "evalsets" / "starter"),
-            "--engine", "transformers", "--model", str(SCENE_MODEL), "--out", str(tmp_path),
-            *(arg for slug in LEARNED_ANALYSES for arg in ("-a", slug)),
-        ],
-        capture_output=True, text=True, env=_env(tmp_path), timeout=900,
+    done = run_cli_offline(
+        tmp_path, "prompts", "eval", str(ROOT / "evalsets" / "starter"),
+        "--engine", "transformers", "--model", str(SCENE_MODEL), "--out", str(tmp_path),
+        *(arg for slug in LEARNED_ANALYSES for arg in ("-a", slug)),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "results.json").read_text())["candidate"]["summary"]

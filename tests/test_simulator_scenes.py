@@ -250,10 +250,11 @@ def test_grade_says_which_answers_were_right() -> None:
             assert objects_found.boxes_predicted == shapes
             assert objects_found.boxes_matched == shapes - 1  # the moved box is not found
             assert objects_found.mean_iou == 1.0  # the others sit exactly
-            assert (objects_found.colours_named, objects_found.colours_expected) == (
+            assert (objects_found.colours_named, objects_found.shapes_drawn) == (
                 len(good.shapes),
                 shapes,
             )
+            assert objects_found.kinds_named == shapes  # every shape named what it is
             text = summaries["text-recognition"]
             assert (text.answers, text.right) == (2, 1)  # the failed one is not right
             assert (text.boxes_expected, text.boxes_matched, text.boxes_predicted) == (2, 1, 1)
