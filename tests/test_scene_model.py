@@ -25,13 +25,15 @@ from tests.doubles import run_cli_offline
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET = (56 * 56, 168 * 168)
 
-# Measured when shipped (2026-11-30): through vLLM, 24 demo scenes: object-detection 16/24 right,
-# 75% of boxes found (mean IoU 0.83), 75% of colours named; people-count 24/24. Through
-# transformers, the starter set: 16 of its 20 shapes found.
-OBJECTS_RIGHT_VLLM = 12
-OBJECT_BOXES_VLLM = 0.6
-COLOURS_VLLM = 0.6
-OBJECT_BOXES_HF = 13
+# Measured when shipped (run16, 2026-11-30): through vLLM, 24 demo scenes: object-detection 21/24
+# right, 92% of boxes found (mean IoU 0.86), 100% of colours and 92% of kinds named; people-count
+# 24/24. Through transformers, the starter set: 18 of its 20 shapes found. The colour floor is
+# the bar (>= 95%), not a margin below the measure.
+OBJECTS_RIGHT_VLLM = 17
+OBJECT_BOXES_VLLM = 0.8
+COLOURS_VLLM = 0.95
+KINDS_VLLM = 0.8
+OBJECT_BOXES_HF = 16
 
 
 def test_the_shipped_model_is_served_as_it_was_trained(tmp_path: Path) -> None:
@@ -74,8 +76,9 @@ def test_through_vllm_the_demo_grades_the_trained_answers(tmp_path: Path) -> Non
     assert all(g["answers"] == 24 for g in grades.values())
     objects = grades["object-detection"]
     assert objects["box_recall"] >= OBJECT_BOXES_VLLM, objects
-    assert objects["mean_iou"] >= 0.7, objects
+    assert objects["mean_iou"] >= 0.75, objects
     assert objects["colour_rate"] >= COLOURS_VLLM, objects
+    assert objects["kind_rate"] >= KINDS_VLLM, objects
     assert objects["right"] >= OBJECTS_RIGHT_VLLM, objects
     assert grades["people-count"]["right"] == 24
 
