@@ -113,7 +113,6 @@ def test_scenes_are_deterministic_and_sized():
         min(labelled_scene(f"n{i}", (96, 96)).shapes[0].box[2:]) >= 96 * 30 // 100 - 1
         for i in range(40)
     )
-    assert all(labelled_scene(f"n{i}", (96, 96)).shapes for i in range(40))
     assert {len(labelled_scene(f"n{i}", count=(1, 1)).shapes) for i in range(10)} == {1}
 
 

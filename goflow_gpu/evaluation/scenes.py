@@ -13,9 +13,9 @@ An answer is *right* when every labelled field scores 1 (for object detection: e
 found, named and boxed, nothing extra). Object detection also counts, apart from where the boxes
 sit, the shapes whose colour the description names (``colours``: "a red square" names red; the
 description is the one place the catalog's schema carries colour) and the shapes whose kind the
-objects list names (``kinds``). Kept apart because they fail apart: the shipped tiny model names
-nearly every colour and confuses circles with squares (PROMPTS.md, "The trained tiny model"); one
-figure for both said "colours 75%" where the colours were right.
+objects list names (``kinds``). Kept apart because they fail apart: the tiny model shipped before
+run16 named every colour and took some circles for squares (PROMPTS.md, "The trained tiny
+model"), and one figure for both said "colours 75%" where the colours were right.
 """
 
 from __future__ import annotations
