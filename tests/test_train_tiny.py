@@ -21,6 +21,7 @@ from goflow_gpu.engines.train import (
     TrainConfig,
     answer_loss,
     attention_targets,
+    batches_for,
     build_untrained,
     heldout_keys,
     layout_head,
@@ -49,6 +50,22 @@ def test_batches_are_deterministic_one_analysis_each_and_never_held_out() -> Non
     assert {batch[0].slug for batch in first} == set(LEARNED_ANALYSES)
     other = list(plan_samples(TrainConfig(steps=40, batch=4, seed=1)))
     assert [s.key for s in other[0]] != [s.key for s in first[0]]
+
+
+@pytest.mark.parametrize(("device", "ahead"), [("cpu", False), ("cuda", True)])
+def test_batches_are_built_ahead_in_a_thread_only_for_a_gpu(device: str, ahead: bool) -> None:
+    import threading
+
+    built_in: list[str] = []
+
+    def make(samples: list[Sample]) -> dict[str, str]:
+        built_in.append(threading.current_thread().name)
+        return {"key": samples[0].key}
+
+    plan = iter([[Sample("a", "people-count")], [Sample("b", "people-count")]])
+    assert [b["key"] for b in batches_for(make, plan, device)] == ["a", "b"]
+    here = threading.current_thread().name
+    assert (built_in != [here, here]) is ahead
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth() -> None:
