@@ -20,7 +20,9 @@ from tests.doubles import run_cli_offline
 @pytest.mark.engine
 def test_demo_runs_end_to_end_grades_and_reports_every_combination_once(tmp_path: Path) -> None:
     out = str(tmp_path / "out")
-    done = run_cli_offline(tmp_path, "demo", "--media", "2", "--random-weights", "--out", out)
+    done = run_cli_offline(
+        tmp_path, "demo", "--media", "2", "--random-weights", "--out", out, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "random weights" in done.stdout
     assert "exactly-once check" in done.stdout

@@ -253,6 +253,12 @@ def test_two_steps_write_a_model_folder_with_its_record(tmp_path: Path) -> None:
     assert config["text_config"]["num_hidden_layers"] == 4
     assert config["vision_config"]["depth"] == 4
     assert config["text_config"]["intermediate_size"] == 512
+    # stored as bf16 (half the bytes), computed in fp32: the config still says float32
+    from safetensors.torch import load_file
+
+    stored = load_file(str(out / "model.safetensors"))
+    assert {str(t.dtype) for t in stored.values()} == {"torch.bfloat16"}
+    assert config["dtype"] == "float32"
 
     # digits are single tokens, as in Qwen's tokenizer: coordinates are written digit by digit
     import transformers

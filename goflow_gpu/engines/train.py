@@ -21,7 +21,8 @@ What it does, in order:
 4. every ``eval_every`` steps, greedy answers to held-out scenes go through the worker's own QA
    (:func:`goflow_gpu.prompts.qa.check_output`) and are graded like the demo grades them
    (:mod:`goflow_gpu.evaluation.scenes`);
-5. saves the weights (``dtype``, fp32 by default), a ``generation_config.json`` that stops at
+5. saves the weights (stored as ``dtype``, bf16 by default: :func:`store_weights`), a
+   ``generation_config.json`` that stops at
    ``<|im_end|>`` and decodes greedily, and ``training.json`` (the command, the settings, the
    held-out grades).
 
@@ -120,7 +121,8 @@ class TrainConfig:
     eval_every: int = 400
     eval_scenes: int = 24
     threads: int = 2
-    dtype: str = "float32"
+    dtype: str = "bfloat16"
+    """How the saved weights are stored (:func:`store_weights`); training is always fp32."""
     device: str = "cpu"
     """Where to train: ``cpu`` (the recipe's figures), or ``cuda`` on a GPU node, where the
     same steps take minutes (transformers and torch only: no vLLM needed there)."""
@@ -619,6 +621,28 @@ def _load_for_more(source: Path, directory: Path, cfg: TrainConfig) -> tuple[Any
     return model, ids, earlier
 
 
+def store_weights(directory: Path, dtype: str) -> None:
+    """Rewrite the folder's ``model.safetensors`` with every floating tensor as ``dtype``, the
+    config untouched (it keeps ``float32``: engines compute in fp32 on CPU, where this machine's
+    AVX2 has no bf16 arithmetic, and load the stored bf16 into fp32 weights).
+
+    Why bf16: half the bytes in the repository (5.8 MB, not 11.7) at the same grades. The
+    shipped run16 stored as bf16 answered exactly as in fp32: through vLLM 21/24
+    object-detection answers right, boxes 92% (mean IoU 0.86), colours 100%, kinds 92%,
+    people-count 24/24; through transformers on the starter set the same agreement (0.917
+    object-detection, 0.523 text-recognition). Rewriting the saved file rather than saving a
+    cast state dict keeps transformers' own key names and tied weights as it wrote them.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = Path(directory) / "model.safetensors"
+    target = getattr(torch, dtype)
+    tensors = load_file(str(path))
+    cast = {k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(cast, str(path), metadata={"format": "pt"})
+
+
 def trained_specs(catalog: Catalog, slugs: list[str]) -> dict[str, dict[str, Any]]:
     """Version and content hash (as in the catalog lock) of each learned spec: a model learned
     these exact prompts, and :func:`stale_specs` tells when the catalog moved on."""
@@ -801,8 +825,8 @@ def train(
                 model.save_pretrained(str(directory), safe_serialization=True)
     elapsed = time.monotonic() - started
     final = summary
-    dtype = getattr(torch, cfg.dtype)
-    model.to("cpu", dtype).save_pretrained(str(directory), safe_serialization=True)
+    model.to("cpu").save_pretrained(str(directory), safe_serialization=True)
+    store_weights(directory, cfg.dtype)
     write_generation_config(directory, ids)
     record = {
         "command": command,
