@@ -117,7 +117,8 @@ def train_tiny(
     box) and people-count (nobody) with the catalog's real prompts and schemas, and prints
     the loss and held-out grades as it goes. The defaults take about an hour on 2 CPU cores;
     training.json in the folder records the exact command. `goflow-gpu demo --model DIR`
-    grades the result.
+    grades the result. scripts/rebuild-scene-model.sh chains such runs from random weights
+    (one shape per scene first, then more), each continuing the one before.
     """
     import shlex
     import sys

@@ -60,6 +60,12 @@ on the catalog and ``logits_to_keep`` (the output head runs on the answer positi
 
 Deterministic: a fixed seed orders the data and initialises the weights; two runs on the same
 machine and library versions give the same model (threads are fixed at 2).
+
+From scratch to the shipped level is a curriculum of runs, each ``--continue-from`` the one
+before (one shape per scene, then two, then the simulator's three): a run with both training
+losses on full scenes from the start had not learned the kind of shape after 1100 steps
+(PROMPTS.md, finding 4). ``scripts/rebuild-scene-model.sh`` is that chain, stage by stage,
+resumable at a stage boundary.
 """
 
 from __future__ import annotations
