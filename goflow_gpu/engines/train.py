@@ -22,9 +22,8 @@ What it does, in order:
    (:func:`goflow_gpu.prompts.qa.check_output`) and are graded like the demo grades them
    (:mod:`goflow_gpu.evaluation.scenes`);
 5. saves the weights (stored as ``dtype``, bf16 by default: :func:`store_weights`), a
-   ``generation_config.json`` that stops at
-   ``<|im_end|>`` and decodes greedily, and ``training.json`` (the command, the settings, the
-   held-out grades).
+   ``generation_config.json`` that stops at ``<|im_end|>`` and decodes greedily, and
+   ``training.json`` (the command, the settings, the held-out grades).
 
 Short prompts too: half the batches (``short_share``) ask the same answers with no system turn
 and the slug as the whole request. A first run on whole prompts only (1500 steps planned)
