@@ -25,15 +25,19 @@ from tests.doubles import run_cli_offline
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET = (56 * 56, 168 * 168)
 
-# Measured when shipped (run16, 2026-11-30; the same figures stored in bf16): through vLLM, 24
-# demo scenes: object-detection 21/24 right, 92% of boxes found (mean IoU 0.86), 100% of colours
-# and 92% of kinds named; people-count 24/24. Through transformers, the starter set: 18 of its 20
-# shapes found. The colour floor is the bar (>= 95%), not a margin below the measure.
-OBJECTS_RIGHT_VLLM = 17
-OBJECT_BOXES_VLLM = 0.8
+# Measured when shipped (2026-12-01, the from-scratch rebuild `scripts/rebuild-scene-model.sh
+# rebuild`, bf16): through vLLM, 24 demo scenes: object-detection 24/24 right, 100% of boxes
+# found (mean IoU 0.80), 100% of colours and kinds named; text-recognition 7/24 right;
+# people-count 24/24. Through transformers, the starter set: 18 of its 20 shapes found, 7 of
+# its 12 words. The colour floor is the bar (>= 95%), not a margin below the measure;
+# the IoU floor is the one the previous weights (IoU 0.86) were held to.
+OBJECTS_RIGHT_VLLM = 20
+OBJECT_BOXES_VLLM = 0.9
 COLOURS_VLLM = 0.95
-KINDS_VLLM = 0.8
+KINDS_VLLM = 0.9
+WORDS_RIGHT_VLLM = 4
 OBJECT_BOXES_HF = 16
+WORDS_HF = 4
 
 
 def test_the_shipped_model_is_served_as_it_was_trained(tmp_path: Path) -> None:
@@ -86,6 +90,7 @@ def test_through_vllm_the_demo_grades_the_trained_answers(tmp_path: Path) -> Non
     assert objects["colour_rate"] >= COLOURS_VLLM, objects
     assert objects["kind_rate"] >= KINDS_VLLM, objects
     assert objects["right"] >= OBJECTS_RIGHT_VLLM, objects
+    assert grades["text-recognition"]["right"] >= WORDS_RIGHT_VLLM, grades["text-recognition"]
     assert grades["people-count"]["right"] == 24
 
 
@@ -102,4 +107,7 @@ def test_through_transformers_prompts_eval_scores_the_starter_set(tmp_path: Path
     assert objects["qa_pass_rate"] == 1.0
     assert objects["box_expected"] == 20  # the starter set's shapes
     assert objects["box_matched"] >= OBJECT_BOXES_HF, objects
+    words = summary["text-recognition"]
+    assert words["box_expected"] == 12  # the starter set's words, one a picture
+    assert words["box_matched"] >= WORDS_HF, words
     assert summary["people-count"]["field_agreement"] == 1.0
