@@ -13,9 +13,10 @@
 #
 # The stages are a curriculum (PROMPTS.md, "The trained tiny model"): one shape per scene first
 # (the colour is learned within ~750 steps, the kind of shape later), then two, then the
-# simulator's one to three; then the recipe of the shipped run16 (more object-detection, a
-# stronger layout loss). Each prints held-out grades as it goes; the last folder is the model:
-# `goflow-gpu demo --model OUT/s5 --media 24` grades it through vLLM.
+# simulator's one to three; then the recipe of run16, the weights shipped before this rebuild
+# (more object-detection, a stronger layout loss). Each prints held-out grades as it goes; the
+# last folder is the model (2026-12-01: 167 minutes on 2 cores, and the shipped folder is its
+# s5): `goflow-gpu demo --model OUT/s5 --media 24` grades it through vLLM.
 set -euo pipefail
 
 out=${1:?usage: scripts/rebuild-scene-model.sh OUT [TRAIN-TINY OPTIONS...]}

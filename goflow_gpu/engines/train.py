@@ -631,8 +631,8 @@ def store_weights(directory: Path, dtype: str) -> None:
     config untouched (it keeps ``float32``: engines compute in fp32 on CPU, where this machine's
     AVX2 has no bf16 arithmetic, and load the stored bf16 into fp32 weights).
 
-    Why bf16: half the bytes in the repository (5.8 MB, not 11.7) at the same grades. The
-    shipped run16 stored as bf16 answered exactly as in fp32: through vLLM 21/24
+    Why bf16: half the bytes in the repository (5.8 MB, not 11.7) at the same grades. Run16
+    (shipped before the rebuild) stored as bf16 answered exactly as in fp32: through vLLM 21/24
     object-detection answers right, boxes 92% (mean IoU 0.86), colours 100%, kinds 92%,
     people-count 24/24; through transformers on the starter set the same agreement (0.917
     object-detection, 0.523 text-recognition). Rewriting the saved file rather than saving a
